@@ -1,0 +1,202 @@
+"""GPT-2, plain PyTorch. No torch.distributed here: parallelism is applied from outside.
+
+Parameter names are the contract with plan files, the pipeline split, checkpoints and the
+Hugging Face mapping (gpt3d/hf.py):
+
+    wte.weight, wpe.weight,
+    h.{i}.ln_1.{weight,bias}, h.{i}.attn.{q_proj,k_proj,v_proj,c_proj}.{weight,bias},
+    h.{i}.ln_2.{weight,bias}, h.{i}.mlp.{c_fc,c_proj}.{weight,bias},
+    ln_f.{weight,bias}, lm_head.weight   (tied to wte.weight unless tie_embeddings=False)
+
+Blocks live in a ModuleDict keyed "0".."n_layer-1"; a pipeline stage deletes the blocks it
+does not own and sets wte/wpe/drop or ln_f/lm_head to None, and forward() still works.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = GPT2_VOCAB_SIZE  # real tokens; targets are always < vocab_size
+    pad_vocab_multiple: int = 1  # pad embedding rows to a multiple (nanoGPT: 64 -> 50304)
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    ln_eps: float = 1e-5
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # OpenAI's GPT-2 family (vocab 50257, context 1024).
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Small shapes for CPU runs and tests (GPT-2 tokenizer, so vocab stays 50257).
+    "mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128),
+}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def count_params_formula(cfg: GPTConfig) -> int:
+    """Parameter count from the shape alone (used to check the module tree)."""
+    C, V, b = cfg.n_embd, cfg.padded_vocab_size, int(cfg.bias)
+    block = 2 * C + 4 * (C * C + b * C) + 2 * C + (4 * C * C + b * 4 * C) + (4 * C * C + b * C)
+    head = 0 if cfg.tie_embeddings else V * C
+    return V * C + cfg.block_size * C + cfg.n_layer * block + 2 * C + head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        C = cfg.n_embd
+        # Separate q/k/v so column-parallel sharding splits whole heads (a fused c_attn would not).
+        self.q_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.k_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.v_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.c_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, C_local) -> (B, nh_local, T, hd); nh_local = n_head / tp under tensor parallel.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, nh_local, T, hd) -> (B, T, C_local)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+        self.config = cfg
+        V = cfg.padded_vocab_size
+        self.wte: nn.Embedding | None = nn.Embedding(V, cfg.n_embd)
+        self.wpe: nn.Embedding | None = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop: nn.Dropout | None = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.n_embd, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if V > cfg.vocab_size:
+            # True on padded vocab rows; their logits are -inf so they never count.
+            self.register_buffer("vocab_pad_mask", torch.empty(V, dtype=torch.bool), persistent=False)
+            self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        if hasattr(self, "vocab_pad_mask"):
+            V = self.config.padded_vocab_size
+            mask = torch.arange(V, device=self.vocab_pad_mask.device) >= self.config.vocab_size
+            self.vocab_pad_mask = mask
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids, or (B, T, C) hidden states when this stage has no embeddings.
+        Returns (B, T, padded_vocab) logits, or (B, T, C) hidden states without an lm_head."""
+        x = idx
+        if self.wte is not None:
+            pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C)
+        for block in self.h.values():
+            x = block(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+            if hasattr(self, "vocab_pad_mask"):
+                x = x.masked_fill(self.vocab_pad_mask, float("-inf"))
+        return x
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 init, deterministic per parameter name: any subset of the model (a pipeline
+        stage) gets exactly the values the whole model would."""
+        for name, p in self.named_parameters():
+            p.copy_(init_value(self.config, name, p.shape, seed).to(p.device, p.dtype))
+        self.reset_buffers()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """Initial value of parameter `name` (full, unsharded shape) as a CPU fp32 tensor.
+
+    Each parameter has its own generator seeded from (seed, name), so values never depend on
+    which other parameters this rank holds. lm_head.weight reuses wte's stream when tied, so
+    the two pipeline-stage copies of a tied embedding start equal."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if ".ln_" in f".{name}":
+        return torch.ones(shape)
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        name = "wte.weight"
+    std = 0.02
+    if name.endswith("c_proj.weight"):  # residual output projections (GPT-2 paper)
+        std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    value = torch.randn(shape, generator=gen) * std
+    if name == "wte.weight":
+        value[cfg.vocab_size :] = 0.0  # padded rows
+    return value
