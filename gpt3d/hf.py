@@ -1,0 +1,328 @@
+"""GPT-2 <-> Hugging Face mapping: names, shapes, config.json, safetensors files.
+
+Pure functions on full (unsharded) state dicts; distributed gathering/loading is the caller's
+job (checkpoint/export code). The two layouts differ in four ways:
+
+    gpt3d                                      HF GPT2LMHeadModel ("transformer." prefix)
+    h.N.attn.{q,k,v}_proj.weight  3 x (C, C)   h.N.attn.c_attn.weight  (C, 3C) = cat(q,k,v).T
+    nn.Linear weights (out, in)                Conv1D weights (in, out): transposed
+    wte / lm_head rows: padded_vocab_size      vocab_size rows (padding dropped / zero-filled)
+    lm_head.weight always present              omitted when tied (save_pretrained does this)
+
+HF's causal-mask buffers (h.N.attn.bias, h.N.attn.masked_bias) are not weights: never written
+and ignored on load. OpenAI's original gpt2 files have no "transformer." prefix; both forms load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt3d.model import GPT, GPTConfig
+
+Tensor = torch.Tensor
+GPT2_EOS = 50256  # <|endoftext|>
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # the GELU gpt3d uses (tanh approximation)
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # HF causal-mask buffers
+_CONV1D = ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # per block: weight transposed, bias as-is
+_LN = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def hf_config_dict(cfg: GPTConfig) -> dict:
+    """config.json for transformers' GPT2LMHeadModel describing `cfg` (real vocab, no padding)."""
+    _check_representable(cfg)
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,  # legacy key, still in OpenAI's config.json
+        "n_inner": None,  # = 4 * n_embd
+        "vocab_size": cfg.vocab_size,
+        "layer_norm_epsilon": cfg.ln_eps,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": GPT2_EOS,
+        "eos_token_id": GPT2_EOS,
+        "use_cache": True,
+    }
+
+
+def gpt_config_from_hf(hf_cfg: dict, *, pad_vocab_multiple: int = 1) -> GPTConfig:
+    """GPTConfig from a transformers GPT-2 config.json dict (HF defaults for absent keys)."""
+    if hf_cfg.get("model_type") != "gpt2":
+        raise ValueError(
+            f"not a GPT-2 config: model_type={hf_cfg.get('model_type')!r}, need 'gpt2'"
+        )
+    missing = [
+        k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf_cfg
+    ]
+    if missing:
+        raise ValueError(f"GPT-2 config.json lacks required keys {missing}")
+    act = hf_cfg.get("activation_function", "gelu_new")
+    if act not in _TANH_GELUS:
+        raise ValueError(f"activation_function={act!r} is not supported; gpt3d uses {_TANH_GELUS}")
+    n_inner = hf_cfg.get("n_inner")
+    if n_inner not in (None, 4 * hf_cfg["n_embd"]):
+        raise ValueError(f"n_inner={n_inner} is not supported; gpt3d's MLP is 4 * n_embd wide")
+    if not hf_cfg.get("scale_attn_weights", True) or hf_cfg.get("scale_attn_by_inverse_layer_idx"):
+        raise ValueError("only standard 1/sqrt(head_dim) attention scaling is supported")
+    return GPTConfig(
+        n_layer=hf_cfg["n_layer"],
+        n_head=hf_cfg["n_head"],
+        n_embd=hf_cfg["n_embd"],
+        block_size=hf_cfg["n_positions"],
+        vocab_size=hf_cfg["vocab_size"],
+        pad_vocab_multiple=pad_vocab_multiple,
+        dropout=hf_cfg.get("resid_pdrop", 0.1),
+        bias=True,
+        tie_embeddings=hf_cfg.get("tie_word_embeddings", True),
+        ln_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _check_representable(cfg: GPTConfig) -> None:
+    if not cfg.bias:
+        raise ValueError(
+            "bias=False models cannot be exported to Hugging Face GPT-2 (its Linear/LayerNorm "
+            "layers always have biases); train with model.bias=true to export"
+        )
+
+
+# ---------------------------------------------------------------------------- state dicts
+
+
+def _hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Expected HF GPT-2 tensors (names without the "transformer." prefix)."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        shapes |= {p + name: (C,) for name in _LN}
+        shapes |= {p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,)}
+        shapes |= {p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,)}
+        shapes |= {p + "mlp.c_fc.weight": (C, 4 * C), p + "mlp.c_fc.bias": (4 * C,)}
+        shapes |= {p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,)}
+    shapes |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def _gpt3d_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes straight from model.py, no memory
+        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+
+
+def _check_shapes(sd: dict[str, Tensor], expected: dict, cfg: GPTConfig, what: str) -> None:
+    """ValueError listing unknown, missing and wrongly shaped keys (all of them, up to 10)."""
+    problems = [f"unexpected key {k!r} {tuple(sd[k].shape)}" for k in sd if k not in expected]
+    problems += [f"missing key {k!r} {shape}" for k, shape in expected.items() if k not in sd]
+    problems += [
+        f"key {k!r}: expected {shape}, found {tuple(sd[k].shape)}"
+        for k, shape in expected.items()
+        if k in sd and tuple(sd[k].shape) != shape
+    ]
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(
+            f"this is not a {what} of shape n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
+            f"block_size={cfg.block_size} vocab_size={cfg.vocab_size} "
+            f"tie_embeddings={cfg.tie_embeddings}:\n  " + "\n  ".join(problems[:10]) + more
+        )
+
+
+def _own(t: Tensor) -> Tensor:
+    """A contiguous copy sharing storage with nothing (safetensors refuses shared storage)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def to_hf_state_dict(sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """gpt3d state dict -> what GPT2LMHeadModel.save_pretrained writes (same dtypes)."""
+    _check_representable(cfg)
+    sd = dict(sd)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    expected = _gpt3d_shapes(cfg)
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    _check_shapes(sd, expected, cfg, "gpt3d state dict")
+    V = cfg.vocab_size
+    out = {"wte.weight": sd["wte.weight"][:V], "wpe.weight": sd["wpe.weight"]}  # drop pad rows
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        out |= {p + name: sd[p + name] for name in _LN}
+        # 3 x (C, C) (out, in) -> (3C, C) -> Conv1D (in, out) = (C, 3C); biases 3 x (C,) -> (3C,)
+        out[p + "attn.c_attn.weight"] = torch.cat([sd[f"{p}attn.{x}_proj.weight"] for x in "qkv"]).T
+        out[p + "attn.c_attn.bias"] = torch.cat([sd[f"{p}attn.{x}_proj.bias"] for x in "qkv"])
+        for name in _CONV1D:
+            out[f"{p}{name}.weight"] = sd[f"{p}{name}.weight"].T  # (out, in) -> (in, out)
+            out[f"{p}{name}.bias"] = sd[f"{p}{name}.bias"]
+    out |= {"ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    return {(k if k == "lm_head.weight" else "transformer." + k): _own(v) for k, v in out.items()}
+
+
+def _strip_hf(hf_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the "transformer." prefix (absent in OpenAI's files) and the causal-mask buffers."""
+    sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+    return {k: v for k, v in sd.items() if not _BUFFER.match(k)}
+
+
+def _pad_rows(w: Tensor, rows: int) -> Tensor:
+    """(V, C) -> (rows, C), zero-filled below V (the padded vocab rows)."""
+    out = w.new_zeros(rows, w.shape[1])
+    out[: w.shape[0]] = w
+    return out
+
+
+def from_hf_state_dict(hf_sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """HF GPT-2 state dict (with or without "transformer.") -> gpt3d state dict for `cfg`.
+
+    Every key and shape is checked before anything is converted. When tied, lm_head.weight is
+    the wte.weight tensor itself (like GPT(cfg).state_dict()); a stored lm_head is ignored."""
+    sd = _strip_hf(hf_sd)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    _check_shapes(sd, _hf_shapes(cfg), cfg, "GPT-2 checkpoint")
+    Vp = cfg.padded_vocab_size
+    out = {"wte.weight": _pad_rows(sd["wte.weight"], Vp), "wpe.weight": _own(sd["wpe.weight"])}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        out |= {p + name: _own(sd[p + name]) for name in _LN}
+        # Conv1D (C, 3C) -> (3C, C) (out, in) -> q, k, v each (C, C); bias (3C,) -> 3 x (C,)
+        qkv_w = sd[p + "attn.c_attn.weight"].T.chunk(3, dim=0)
+        qkv_b = sd[p + "attn.c_attn.bias"].chunk(3, dim=0)
+        for x, w, b in zip("qkv", qkv_w, qkv_b, strict=True):
+            out[f"{p}attn.{x}_proj.weight"], out[f"{p}attn.{x}_proj.bias"] = _own(w), _own(b)
+        for name in _CONV1D:
+            out[f"{p}{name}.weight"] = _own(sd[f"{p}{name}.weight"].T)  # (in, out) -> (out, in)
+            out[f"{p}{name}.bias"] = _own(sd[f"{p}{name}.bias"])
+    out |= {"ln_f.weight": _own(sd["ln_f.weight"]), "ln_f.bias": _own(sd["ln_f.bias"])}
+    tied = cfg.tie_embeddings
+    out["lm_head.weight"] = out["wte.weight"] if tied else _pad_rows(sd["lm_head.weight"], Vp)
+    return out
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def save_hf(directory: str | os.PathLike, sd: dict[str, Tensor], cfg: GPTConfig) -> None:
+    """Write `directory`/{model.safetensors, config.json}, loadable by
+    GPT2LMHeadModel.from_pretrained. Each file is written to a temp file, then os.replace'd
+    (weights first, config.json last)."""
+    hf_sd = to_hf_state_dict(sd, cfg)
+    config = hf_config_dict(cfg) | {
+        "torch_dtype": str(hf_sd["transformer.wte.weight"].dtype).removeprefix("torch.")
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / "model.safetensors", lambda f: save_file(hf_sd, f, {"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / "config.json", lambda f: Path(f).write_text(text))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_hf(
+    path: str | os.PathLike, *, n_head: int | None = None, pad_vocab_multiple: int = 1
+) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """(GPTConfig, gpt3d state dict) from a HF GPT-2 directory (config.json + model.safetensors
+    or a sharded model.safetensors.index.json) or from a single .safetensors file, whose config
+    is inferred from shapes; n_head then comes from `n_head` or a config.json beside it."""
+    path = Path(path)
+    if path.is_dir():
+        files, cfg_file = _weight_files(path), path / "config.json"
+    elif path.is_file() and path.suffix == ".safetensors":
+        files, cfg_file = [path], path.parent / "config.json"
+    else:
+        raise ValueError(f"{path} is neither a directory nor a .safetensors file")
+    hf_sd = {}
+    for f in files:
+        try:
+            hf_sd |= load_file(f)
+        except Exception as e:  # safetensors' SafetensorError: header/format problems
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
+    hf_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+    if path.is_dir() and hf_cfg is not None:
+        cfg = gpt_config_from_hf(hf_cfg, pad_vocab_multiple=pad_vocab_multiple)
+        if n_head is not None and n_head != cfg.n_head:
+            raise ValueError(f"n_head={n_head} contradicts n_head={cfg.n_head} in {cfg_file}")
+    else:
+        cfg = _infer_config(_strip_hf(hf_sd), path, n_head, hf_cfg, pad_vocab_multiple)
+    return cfg, from_hf_state_dict(hf_sd, cfg)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # sharded save_pretrained output (big models)
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    raise ValueError(
+        f"no model.safetensors in {directory} (pytorch_model.bin is not supported: re-save the "
+        "model with save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def _infer_config(
+    sd: dict[str, Tensor], path: Path, n_head: int | None, hf_cfg: dict | None, pad: int
+) -> GPTConfig:
+    """GPTConfig from tensor shapes; n_head (and ln eps) are not in the shapes."""
+    if any(k not in sd or sd[k].ndim != 2 for k in ("wte.weight", "wpe.weight")):
+        found = sorted(sd)[:5]
+        raise ValueError(
+            f"{path} is not a GPT-2 checkpoint: no wte.weight/wpe.weight (found {found})"
+        )
+    hf_cfg = hf_cfg if hf_cfg and hf_cfg.get("model_type") == "gpt2" else {}
+    n_head = n_head or hf_cfg.get("n_head")
+    if n_head is None:
+        raise ValueError(
+            f"cannot infer n_head from the shapes in {path}: pass n_head=... or put the "
+            "model's config.json next to the file"
+        )
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
+    lm_head, wte = sd.get("lm_head.weight"), sd["wte.weight"]
+    tied = lm_head is None or (lm_head.shape == wte.shape and torch.equal(lm_head, wte))
+    cfg = GPTConfig(
+        n_layer=max(layers, default=-1) + 1,
+        n_head=n_head,
+        n_embd=sd["wpe.weight"].shape[1],
+        block_size=sd["wpe.weight"].shape[0],
+        vocab_size=wte.shape[0],
+        pad_vocab_multiple=pad,
+        tie_embeddings=tied,
+        ln_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
+    )
+    if cfg.n_embd % n_head:
+        raise ValueError(f"n_head={n_head} does not divide n_embd={cfg.n_embd} of {path}")
+    return cfg
