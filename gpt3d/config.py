@@ -1,0 +1,536 @@
+"""Typed run configuration: defaults < TOML file (--config) < --section.key=value overrides.
+
+Each section is a dataclass whose fields carry a help string in ``metadata["help"]`` (and,
+where it applies, ``choices`` or a lower bound ``ge``), so ``--help``, type checking and most
+of ``validate`` are driven by the same declarations:
+
+    cfg = load_config(["--config", "recipes/configs/debug.toml", "--training.steps=5"])
+    cfg.training.steps  # 5
+
+Config files are self-contained TOML (no includes): every recipe repeats the keys it needs,
+nanoGPT style, so one file tells the whole story. Layout-vs-world-size checks live in
+gpt3d/parallel/dims.py, checkpoint paths in gpt3d/checkpoint.py; here only values that are
+wrong whatever the machine.
+"""
+
+import dataclasses
+import difflib
+import json
+import sys
+import textwrap
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt3d.model import PRESETS, GPTConfig, preset_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PP_SCHEDULES = (
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+DEFAULT_PLAN, DEFAULT_SP_PLAN = "recipes/plans/gpt_tp.toml", "recipes/plans/gpt_tp_sp.toml"
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None) -> Any:
+    """A field with its help text (and optional allowed values / lower bound) as metadata."""
+    meta = {"help": help, "choices": tuple(choices), "ge": ge}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class JobConfig:
+    """Run identity, output directory, seed and logging."""
+
+    name: str = _f("gpt3d", "run name shown in logs and metric files")
+    output_dir: str = _f("out/shakespeare", "directory for checkpoints, metrics and plots")
+    seed: int = _f(1337, "seed for weight init, data order and dropout")
+    log_all_ranks: bool = _f(
+        False, "print logs from every rank, prefixed with the rank; default only rank 0"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Model shape: a preset from gpt3d.model.PRESETS plus optional overrides."""
+
+    preset: str = _f("mini", "base shape from gpt3d.model.PRESETS", choices=tuple(PRESETS))
+    n_layer: int = _f(0, "transformer blocks; 0 = take it from the preset", ge=0)
+    n_head: int = _f(0, "attention heads; 0 = take it from the preset", ge=0)
+    n_embd: int = _f(0, "embedding width; 0 = take it from the preset", ge=0)
+    block_size: int = _f(0, "longest sequence (position table); 0 = take it from the preset", ge=0)
+    vocab_size: int = _f(0, "real vocabulary size; 0 = take it from the preset", ge=0)
+    pad_vocab_multiple: int = _f(
+        1,
+        "pad embedding rows to a multiple of this (64: 50257 -> 50304); tensor parallel "
+        "needs the padded vocab divisible by tp",
+        ge=1,
+    )
+    dropout: float = _f(0.0, "dropout probability in [0, 1)", ge=0.0)
+    bias: bool = _f(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    tie_embeddings: bool = _f(True, "share the token embedding with the output head")
+
+
+@dataclass
+class DataConfig:
+    """Token dataset made by recipes/prepare.py."""
+
+    dataset: str = _f(
+        "recipes/data/shakespeare", "directory with train.bin, val.bin, meta.json (prepare.py)"
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, learning-rate schedule, evaluation, precision and memory savers."""
+
+    steps: int = _f(200, "optimizer steps to run", ge=1)
+    global_batch_size: int = _f(
+        16, "sequences per optimizer step, over all data-parallel ranks", ge=1
+    )
+    seq_len: int = _f(128, "tokens per sequence; at most the model's block_size", ge=1)
+    grad_accum: int = _f(
+        1,
+        "microbatches per data-parallel rank per step when not pipelining; each is "
+        "global_batch_size/(dp*grad_accum) sequences",
+        ge=1,
+    )
+    lr: float = _f(1e-3, "peak learning rate (after warmup)")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay, in [0, lr]", ge=0.0)
+    warmup_steps: int = _f(20, "linear warmup steps from 0 to lr", ge=0)
+    lr_decay_steps: int = _f(0, "steps of cosine decay to min_lr; 0 = steps", ge=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (2D weights only)", ge=0.0)
+    beta1: float = _f(0.9, "AdamW beta1, in [0, 1)", ge=0.0)
+    beta2: float = _f(0.95, "AdamW beta2, in [0, 1)", ge=0.0)
+    grad_clip: float = _f(1.0, "clip the global grad norm to this; 0 disables", ge=0.0)
+    eval_interval: int = _f(50, "evaluate on val every N steps; 0 disables", ge=0)
+    eval_steps: int = _f(4, "batches per evaluation")
+    log_interval: int = _f(10, "log metrics every N steps", ge=1)
+    dtype: str = _f("float32", "compute dtype", choices=("float32", "bfloat16"))
+    compile: bool = _f(False, "torch.compile each transformer block")
+    activation_checkpointing: str = _f(
+        "none", "recompute activations in backward", choices=("none", "full", "selective")
+    )
+    ac_every: int = _f(2, "with selective: checkpoint every k-th block", ge=1)
+    fused_optimizer: bool = _f(True, "use fused/foreach AdamW where the device supports it")
+
+
+@dataclass
+class ParallelConfig:
+    """3D layout: mesh axis degrees (pp, dp_replicate, dp_shard, tp) and how each is applied."""
+
+    dp_replicate: int = _f(1, "data-parallel replicas (HSDP outer axis / DDP)", ge=1)
+    dp_shard: int = _f(-1, "FSDP shard degree; -1 = whatever is left of the world size")
+    pp: int = _f(1, "pipeline-parallel degree (ranks per pipeline)", ge=1)
+    tp: int = _f(1, "tensor-parallel degree", ge=1)
+    pp_schedule: str = _f("1F1B", "pipeline schedule (case-insensitive)", choices=PP_SCHEDULES)
+    pp_microbatches: int = _f(0, "microbatches per pipeline step; 0 = number of stages", ge=0)
+    pp_stages_per_rank: int = _f(
+        1, "virtual stages per rank, >1 for interleaved/looped/V schedules", ge=1
+    )
+    pp_layer_split: list[int] = _f(
+        [], "transformer blocks per stage, must sum to n_layer; empty = even split"
+    )
+    plan: str = _f(
+        "",
+        f"tensor-parallel plan file; empty = {DEFAULT_PLAN}, or {DEFAULT_SP_PLAN} "
+        "when sequence_parallel",
+    )
+    sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations over the sequence")
+    loss_parallel: bool = _f(True, "compute the loss on vocab-sharded logits (no all-gather)")
+    dp_mode: str = _f("fsdp", "data-parallel wrapper", choices=("fsdp", "ddp"))
+    timeout_s: float = _f(0.0, "collective timeout in seconds; 0 = 1800 on GPU, 120 on CPU", ge=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (DCP) under output_dir/checkpoints."""
+
+    interval: int = _f(0, "save every N steps; 0 = only at the end", ge=0)
+    keep_last: int = _f(3, "keep this many most recent checkpoints", ge=1)
+    async_save: bool = _f(False, "write checkpoints in the background")
+    resume: str = _f(
+        "", '"" = fresh start, "auto" = latest complete checkpoint in output_dir, or a path'
+    )
+    init_from: str = _f("", "Hugging Face GPT-2 directory or .safetensors file to start from")
+    save_final: bool = _f(True, "save a checkpoint after the last step")
+
+
+@dataclass
+class MetricsConfig:
+    """Throughput / MFU accounting and outputs."""
+
+    peak_tflops: float = _f(
+        0.0, "peak dense TFLOP/s per device for MFU; 0 = device table (no CPU entry)", ge=0.0
+    )
+    cpu_peak_tflops: float = _f(0.5, "peak TFLOP/s used on CPU when peak_tflops is 0")
+    tensorboard: bool = _f(False, "also write TensorBoard event files")
+    plot: bool = _f(True, "loss-curve PNG at the end if matplotlib is installed")
+
+
+@dataclass
+class Config:
+    """The whole run; one attribute per TOML section."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def gpt_config(cfg: ModelConfig) -> GPTConfig:
+    """The model shape: the preset with every non-zero dimension override applied."""
+    dims = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    return preset_config(
+        cfg.preset,
+        **{k: getattr(cfg, k) or None for k in dims},
+        pad_vocab_multiple=cfg.pad_vocab_multiple,
+        dropout=cfg.dropout,
+        bias=cfg.bias,
+        tie_embeddings=cfg.tie_embeddings,
+    )
+
+
+# ---------------------------------------------------------------------------------- lookup
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    # No `from __future__ import annotations` in this module, so f.type is the real type.
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _type_name(t: Any) -> str:
+    return t.__name__ if isinstance(t, type) else str(t)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f"did you mean {match[0]!r}? " if match else ""
+
+
+def _check_section(section: str, where: str) -> None:
+    if section not in SECTIONS:
+        hint = _closest(section, list(SECTIONS))
+        raise ConfigError(
+            f"{where}: unknown section {section!r}; {hint}valid sections: {', '.join(SECTIONS)}"
+        )
+
+
+def _field(section: str, key: str, where: str) -> dataclasses.Field:
+    """The dataclass field for section.key, or a ConfigError listing what is valid."""
+    _check_section(section, where)
+    fields = _fields(section)
+    if key not in fields:
+        elsewhere = [s for s in SECTIONS if key in _fields(s)]
+        hint = (
+            f"{key!r} belongs in [{elsewhere[0]}]; " if elsewhere else _closest(key, list(fields))
+        )
+        raise ConfigError(
+            f"{where}: unknown key {key!r} in [{section}]; {hint}valid keys: {', '.join(fields)}"
+        )
+    return fields[key]
+
+
+# --------------------------------------------------------------------------- value parsing
+
+
+def _top_level_key(name: str, where: str) -> None:
+    """A bare `key = value` outside any [section]: say which section it belongs in."""
+    owners = [s for s in SECTIONS if name in _fields(s)]
+    if not owners:
+        _check_section(name, where)  # raises: unknown section
+    raise ConfigError(f"{where}: key {name!r} is outside any section; put it under [{owners[0]}]")
+
+
+def _check_toml_value(name: str, value: Any, t: Any, example: Any, where: str = "") -> Any:
+    """Type-check a TOML value against the field type (float also takes int)."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(t)
+    if t == list[int]:
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+    if not ok:
+        got = f"{type(value).__name__} {value!r}"
+        example = example or [2, 2] if t == list[int] else example
+        raise ConfigError(
+            f"{where}{name}: expected {_type_name(t)}, got {got}; write it like "
+            f"{name.split('.')[-1]} = {_toml_value(example)}"
+        )
+    return float(value) if t is float else list(value) if t == list[int] else value
+
+
+def _parse_cli_value(name: str, raw: str, t: Any) -> Any:
+    """Parse an override string by the field type (bool: true/false/1/0/yes/no)."""
+    try:
+        if t is bool:
+            return _BOOLS[raw.strip().lower()]
+        if t == list[int]:
+            raw = raw.strip()
+            if raw.startswith("["):
+                items = tomllib.loads(f"v = {raw}")["v"]
+                return _check_toml_value(name, items, t, [1, 2])
+            return [int(v) for v in raw.split(",") if v.strip()]
+        return t(raw)
+    except (KeyError, ValueError, tomllib.TOMLDecodeError):
+        fix = {bool: "true/false/1/0/yes/no", int: "e.g. 100", float: "e.g. 3e-4", str: ""}
+        raise ConfigError(
+            f"--{name}: expected {_type_name(t)}, got {raw!r} ({fix.get(t, 'e.g. 2,2 or [2,2]')})"
+        ) from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+# ---------------------------------------------------------------------------------- apply
+
+
+def _apply_dict(cfg: Config, data: dict, where: str) -> None:
+    """Set every section.key in a nested dict (a TOML document) onto cfg, type-checked."""
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            if section in SECTIONS:
+                raise ConfigError(f"{where}: {section!r} must be a table: [{section}]")
+            _top_level_key(section, where)
+        _check_section(section, where)
+        for key, value in table.items():
+            f = _field(section, key, where)
+            value = _check_toml_value(f"{section}.{key}", value, f.type, _default(f), f"{where}: ")
+            setattr(getattr(cfg, section), key, value)
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """--config paths and (section.key, raw value or None for a bare flag), in order."""
+    configs, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        has_next = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if not eq and has_next:
+            value, i = argv[i + 1], i + 1
+        if name == "config":
+            if not (eq or has_next):
+                raise ConfigError("--config needs a path: --config recipes/configs/debug.toml")
+            configs.append(value)
+        elif "." in name and all(name.partition(".")[::2]):
+            overrides.append((name.replace("-", "_"), value if eq or has_next else None))
+        else:
+            raise ConfigError(
+                f"malformed argument {arg!r}; expected --config FILE or --section.key=value "
+                "(e.g. --training.steps=100); see --help"
+            )
+        i += 1
+    return configs, overrides
+
+
+def _apply_override(cfg: Config, name: str, raw: str | None) -> None:
+    section, _, key = name.partition(".")
+    f = _field(section, key, f"--{name}")
+    if raw is None:
+        if f.type is not bool:
+            raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+        raw = "true"
+    setattr(getattr(cfg, section), key, _parse_cli_value(name, raw, f.type))
+
+
+def resolve_repo_path(path: str) -> Path | None:
+    """An existing file for path: as given (absolute or from cwd), else under the repo root."""
+    p = Path(path)
+    for candidate in (p,) if p.is_absolute() else (Path.cwd() / p, REPO_ROOT / p):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _searched() -> str:
+    return " and ".join(dict.fromkeys(str(d) for d in (Path.cwd(), REPO_ROOT)))
+
+
+def _read_toml(path: str) -> dict:
+    found = resolve_repo_path(path)
+    if found is None or not found.is_file():
+        raise ConfigError(
+            f"--config: config file {path!r} not found (looked in {_searched()}); "
+            "pass an existing .toml, e.g. recipes/configs/debug.toml"
+        )
+    try:
+        return tomllib.loads(found.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults, then each --config file, then --section.key overrides; then validate."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    configs, overrides = _split_argv(argv)
+    cfg = Config()
+    for path in configs:
+        _apply_dict(cfg, _read_toml(path), where=path)
+    for name, raw in overrides:
+        _apply_override(cfg, name, raw)
+    validate(cfg)
+    return cfg
+
+
+def _check_fields(cfg: Config) -> None:
+    """The per-field declarations: type, allowed choices (normalising case), lower bound."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in _fields(section).values():
+            name = f"{section}.{f.name}"
+            value = _check_toml_value(name, getattr(obj, f.name), f.type, _default(f))
+            setattr(obj, f.name, value)  # int -> float, list copy
+            if f.metadata["choices"]:
+                canon = {c.lower(): c for c in f.metadata["choices"]}
+                if str(value).lower() not in canon:
+                    raise ConfigError(
+                        f"{name}={value!r} is not valid; {_closest(value, list(canon.values()))}"
+                        f"choose one of {', '.join(f.metadata['choices'])}"
+                    )
+                setattr(obj, f.name, canon[value.lower()])
+            ge = f.metadata["ge"]
+            if ge is not None and value < ge:
+                raise ConfigError(f"{name}={value!r} must be >= {ge}; set --{name}=<value >= {ge}>")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that are wrong on any machine; normalises choice spellings in place."""
+    _check_fields(cfg)
+    t, p, m = cfg.training, cfg.parallel, cfg.model
+    _require(t.lr > 0, f"training.lr={t.lr} must be > 0; e.g. --training.lr=1e-3")
+    _require(
+        t.min_lr <= t.lr,
+        f"training.min_lr={t.min_lr} must be <= training.lr={t.lr}; lower training.min_lr",
+    )
+    for name in ("beta1", "beta2"):
+        beta = getattr(t, name)
+        _require(beta < 1, f"training.{name}={beta} must be in [0, 1); e.g. 0.9 or 0.95")
+    _require(m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1); e.g. 0.0 or 0.1")
+    _require(
+        t.eval_interval == 0 or t.eval_steps >= 1,
+        f"training.eval_steps={t.eval_steps} must be >= 1 while eval_interval > 0; "
+        "raise it, or set --training.eval_interval=0 to disable evaluation",
+    )
+    _require(
+        p.dp_shard == -1 or p.dp_shard >= 1,
+        f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for the rest of the world size",
+    )
+    _require(
+        cfg.metrics.cpu_peak_tflops > 0,
+        f"metrics.cpu_peak_tflops={cfg.metrics.cpu_peak_tflops} must be > 0; e.g. 0.5",
+    )
+    _validate_model_shape(cfg)
+
+
+def _validate_model_shape(cfg: Config) -> None:
+    g, t, split = gpt_config(cfg.model), cfg.training, cfg.parallel.pp_layer_split
+    _require(
+        g.n_embd % g.n_head == 0,
+        f"model.n_embd={g.n_embd} must be divisible by model.n_head={g.n_head}; change either",
+    )
+    _require(
+        t.seq_len <= g.block_size,
+        f"training.seq_len={t.seq_len} exceeds the model block_size {g.block_size} "
+        f"(preset {cfg.model.preset!r}); lower training.seq_len or raise model.block_size",
+    )
+    _require(
+        not split or (min(split) >= 0 and sum(split) == g.n_layer),
+        f"parallel.pp_layer_split={split} must be non-negative block counts summing to "
+        f"n_layer={g.n_layer}; fix the list or leave it empty for an even split",
+    )
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of plain TOML types (for checkpoints and logs)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of config_to_dict (partial dicts allowed), type-checked and validated."""
+    cfg = Config()
+    _apply_dict(cfg, d, where="config dict")
+    validate(cfg)
+    return cfg
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The config as a TOML document that --config loads back to an equal Config."""
+    lines = []
+    for section, table in config_to_dict(cfg).items():
+        lines += [f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()] + [""]
+    return "\n".join(lines)
+
+
+def resolve_plan_path(cfg: Config) -> str:
+    """Absolute path of the tensor-parallel plan (parallel.plan or the default for SP)."""
+    p = cfg.parallel
+    plan = p.plan or (DEFAULT_SP_PLAN if p.sequence_parallel else DEFAULT_PLAN)
+    found = resolve_repo_path(plan)
+    if found is None:
+        raise ConfigError(
+            f"parallel.plan: plan file {plan!r} not found (looked in {_searched()}); "
+            "set --parallel.plan to an existing file"
+        )
+    return str(found)
+
+
+def help_text() -> str:
+    """Every section and field with its type, default and doc."""
+    lines = [
+        "usage: [--config FILE.toml ...] [--section.key=VALUE | --section.key VALUE ...]",
+        "Overrides apply after the config file (command line wins). bool: true/false/1/0/"
+        "yes/no (a bare --section.flag means true); list: 1,2,3 or [1,2,3].",
+    ]
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]  {cls.__doc__}"]
+        for f in _fields(section).values():
+            default, choices = _default(f), f.metadata["choices"]
+            lines.append(f"  --{section}.{f.name}  ({_type_name(f.type)}, default {default!r})")
+            doc = f.metadata["help"] + (f"; one of {', '.join(choices)}" if choices else "")
+            lines.append(textwrap.fill(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
