@@ -139,9 +139,11 @@ class GPT(nn.Module):
         self.lm_head: nn.Linear | None = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if V > cfg.vocab_size:
+        if cfg.vocab_size < V:
             # True on padded vocab rows; their logits are -inf so they never count.
-            self.register_buffer("vocab_pad_mask", torch.empty(V, dtype=torch.bool), persistent=False)
+            self.register_buffer(
+                "vocab_pad_mask", torch.empty(V, dtype=torch.bool), persistent=False
+            )
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -197,6 +199,6 @@ def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int) -> torch
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     value = torch.randn(shape, generator=gen) * std
-    if name == "wte.weight":
-        value[cfg.vocab_size :] = 0.0  # padded rows
+    if name in ("wte.weight", "lm_head.weight"):
+        value[cfg.vocab_size :] = 0.0  # padded vocab rows
     return value

@@ -1,0 +1,83 @@
+"""Entry-point plumbing shared by the recipes: default config, rank-aware logging, and one
+clear error message + clean exit code instead of a hang or eight tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_PROCESS_CONFIG = str(REPO / "recipes/configs/shakespeare.toml")
+MULTI_PROCESS_CONFIG = str(REPO / "recipes/configs/tp2_pp2.toml")  # 4 processes: tp2 x pp2
+
+EXIT_USER_ERROR = 2  # bad config/layout/plan/data/checkpoint
+EXIT_DIVERGED = 3  # loss became NaN/Inf
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    """No --config given: shakespeare.toml for one process, the tp2 x pp2 recipe for more."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return ["--config", SINGLE_PROCESS_CONFIG if world == 1 else MULTI_PROCESS_CONFIG, *argv]
+
+
+class Logger:
+    """Prints from rank 0 only (or every rank, prefixed, with job.log_all_ranks)."""
+
+    def __init__(self, rank: int, all_ranks: bool = False):
+        self.rank, self.enabled = rank, all_ranks or rank == 0
+        self.prefix = f"[rank {rank}] " if all_ranks else ""
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"{self.prefix}{message}", flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def report_error(exc: BaseException) -> int:
+    """Print one readable message and return the exit code.
+
+    User errors (ValueError) raised before any process group exists are the same on every
+    rank, so only rank 0 prints them; anything later is printed by each failing rank."""
+    import torch.distributed as dist
+
+    from gpt3d.trainer import TrainingDiverged
+
+    uniform = not (dist.is_available() and dist.is_initialized())
+    who = "" if uniform else f"[rank {_rank()}] "
+    if isinstance(exc, TrainingDiverged):
+        code, text = EXIT_DIVERGED, f"{who}error: {exc}"
+    elif isinstance(exc, ValueError):
+        code, text = EXIT_USER_ERROR, f"{who}error: {exc}"
+    else:
+        code = 1
+        text = f"[rank {_rank()}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        uniform = False
+    if not uniform or _rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+    return code
+
+
+def guarded_main(fn, argv: list[str]) -> None:
+    """Run fn(argv) and exit: 0 on success, a clear message and non-zero code on failure."""
+    from gpt3d.parallel.utils import clean_exit
+
+    try:
+        code = fn(argv)
+    except SystemExit as e:  # --help
+        code = e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        code = report_error(e)
+    if code != 0:  # never wait on peers that may be gone: torchrun ends the rest
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    clean_exit(0)

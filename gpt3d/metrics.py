@@ -1,0 +1,103 @@
+"""Throughput, MFU, memory, and the metrics.jsonl / TensorBoard writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt3d.model import GPTConfig, count_params_formula
+
+# Peak dense bf16 TFLOP/s per device (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,  # SXM; PCIe is 756
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B / nanoGPT): 6N + 12·L·C·T.
+
+    N counts every parameter that takes part in a matmul: position embeddings are a lookup,
+    so they are left out; a tied wte/lm_head counts once (its matmul is the lm_head)."""
+    n = count_params_formula(cfg) - cfg.block_size * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def device_peak_flops(device: torch.device, peak_tflops: float, cpu_peak_tflops: float) -> float:
+    """Peak FLOP/s of one device: the configured value, the table by GPU name, or the CPU value."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+        print(f"warning: no peak FLOP/s for {name!r}; set metrics.peak_tflops", file=sys.stderr)
+        return float("nan")
+    return cpu_peak_tflops * 1e12
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated device memory (GPU) or peak resident set size of this process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl (and TensorBoard if asked)."""
+
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            self.tb = _tensorboard_writer(Path(output_dir) / "tensorboard")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # tensorboard is optional
+        raise ValueError(
+            "metrics.tensorboard = true needs the tensorboard package: "
+            "pip install 'gpt3d[tensorboard]' (or set metrics.tensorboard = false)"
+        ) from e
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

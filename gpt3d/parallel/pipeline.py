@@ -1,0 +1,77 @@
+"""Pipeline parallelism: which layers each stage holds, which stages each rank holds, and
+the schedule, all from torch.distributed.pipelining.
+
+A stage is the full GPT built on the meta device with everything it does not own removed:
+blocks are deleted from the ModuleDict (keys stay "i"), the first stage keeps wte/wpe/drop,
+the last keeps ln_f/lm_head. Parameter names never change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpt3d.model import GPT, GPTConfig
+from gpt3d.parallel.dims import SINGLE_STAGE_SCHEDULES, V_SCHEDULES
+
+
+def layer_split(n_layer: int, n_stages: int, explicit: list[int] | None = None) -> list[range]:
+    """Blocks per stage: the explicit counts, or an even split with the extra layers going
+    to the middle stages (the first and last also carry embeddings and the lm_head)."""
+    counts = list(explicit) if explicit else _even_counts(n_layer, n_stages)
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append(range(start, start + c))
+        start += c
+    return bounds
+
+
+def _even_counts(n_layer: int, n_stages: int) -> list[int]:
+    base, extra = divmod(n_layer, n_stages)
+    counts = [base] * n_stages
+    order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))
+    for s in order[:extra]:
+        counts[s] += 1
+    return counts
+
+
+def stages_of_rank(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
+    """Stage indices held by one pp rank: a loop (rank r: r, r+pp, ...) or a V for
+    ZBV/DualPipeV (rank r: r and 2pp-1-r, so the last stage sits next to the first)."""
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(stages_per_rank)]
+
+
+def build_stage_module(cfg: GPTConfig, stage: int, n_stages: int, layers: range) -> GPT:
+    """The stage's slice of the model, on the meta device (materialised later)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    for key in list(model.h.keys()):
+        if int(key) not in layers:
+            del model.h[key]
+    if stage != 0:
+        model.wte = model.wpe = model.drop = None
+    if stage != n_stages - 1:
+        model.ln_f = model.lm_head = None
+        if hasattr(model, "vocab_pad_mask"):
+            del model.vocab_pad_mask
+    return model
+
+
+def build_pipeline_stage(module: nn.Module, stage: int, n_stages: int, device, pp_group):
+    from torch.distributed.pipelining import PipelineStage
+
+    return PipelineStage(module, stage, n_stages, device, group=pp_group)
+
+
+def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):
+    """Schedule by name. scale_grads=False: the loss is already normalised by the global
+    token count (gpt3d/loss.py), so the schedule must not divide by microbatches again."""
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    cls = get_schedule_class(name)
+    if name in SINGLE_STAGE_SCHEDULES:
+        (stage,) = stages
+        return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

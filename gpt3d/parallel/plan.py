@@ -1,0 +1,161 @@
+"""Tensor-parallel plan files: TOML -> validated rules -> the dict parallelize_module takes.
+
+A plan file maps module-name globs to parallel styles:
+
+    [modules."h.*.attn.q_proj"]
+    style = "colwise"                      # colwise | rowwise | sequence_parallel |
+                                           # prepare_module_input | prepare_module_output
+    [modules."h.*.attn.c_proj"]
+    style = "rowwise"
+    output_layouts = "shard(1)"            # replicate | shard(<dim>)
+
+Globs match dot-separated name segments one by one ("h.*.attn" matches "h.3.attn", never
+"h.3.attn.q_proj"). Every glob must match a module of the full model; a pipeline stage
+simply skips the entries for modules it does not hold.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+LAYOUT_RE = re.compile(r"^\s*(replicate|shard\s*\(\s*(-?\d+)\s*\))\s*$", re.IGNORECASE)
+
+# style -> allowed keys (besides "style") -> the torch class name and its keyword names.
+STYLE_KEYS = {
+    "colwise": {"input_layouts", "output_layouts", "use_local_output"},
+    "rowwise": {"input_layouts", "output_layouts", "use_local_output"},
+    "sequence_parallel": {"sequence_dim", "use_local_output"},
+    "prepare_module_input": {"input_layouts", "desired_input_layouts", "use_local_output"},
+    "prepare_module_output": {"output_layouts", "desired_output_layouts", "use_local_output"},
+}
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    glob: str
+    style: str
+    options: dict = field(default_factory=dict)
+
+    def matches(self, name: str) -> bool:
+        pattern, parts = self.glob.split("."), name.split(".")
+        return len(pattern) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pattern))
+
+
+def load_plan(path: str | Path) -> list[Rule]:
+    """Read and check a plan file's syntax (styles, keys, layouts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan file {str(path)!r} does not exist; set parallel.plan to a file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"plan file {path} is not valid TOML: {e}") from e
+    unknown = set(data) - {"modules", "description"}
+    if unknown or not isinstance(data.get("modules"), dict):
+        raise PlanError(
+            f'plan file {path}: expected [modules."<glob>"] tables (and an optional '
+            f"description), found {sorted(unknown) or 'no [modules] table'}"
+        )
+    return [_parse_rule(path, glob, entry) for glob, entry in data["modules"].items()]
+
+
+def _parse_rule(path: Path, glob: str, entry) -> Rule:
+    where = f'plan file {path}, entry [modules."{glob}"]'
+    if not isinstance(entry, dict) or "style" not in entry:
+        raise PlanError(f"{where}: needs style = one of {sorted(STYLE_KEYS)}")
+    style = entry["style"]
+    if style not in STYLE_KEYS:
+        close = difflib.get_close_matches(str(style), STYLE_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PlanError(f"{where}: unknown style {style!r}{hint}; use one of {sorted(STYLE_KEYS)}")
+    options = {k: v for k, v in entry.items() if k != "style"}
+    bad = set(options) - STYLE_KEYS[style]
+    if bad:
+        raise PlanError(
+            f"{where}: style {style} takes {sorted(STYLE_KEYS[style])}, not {sorted(bad)}"
+        )
+    for key, value in options.items():
+        if key.endswith("layouts"):
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if not isinstance(v, str) or not LAYOUT_RE.match(v):
+                    raise PlanError(
+                        f"{where}: {key} = {value!r}: layouts are 'replicate' or 'shard(<dim>)'"
+                    )
+    return Rule(glob=glob, style=style, options=options)
+
+
+def check_plan_matches(rules: list[Rule], module_names: list[str], path) -> None:
+    """Every glob must match at least one module of the full model."""
+    for rule in rules:
+        if not any(rule.matches(n) for n in module_names):
+            literal = rule.glob.replace("*", "0")
+            close = difflib.get_close_matches(literal, module_names, n=3, cutoff=0.5)
+            raise PlanError(
+                f"plan file {path}: glob {rule.glob!r} matches no module of the model; "
+                f"closest module names: {close or sorted(module_names)[:5]}"
+            )
+
+
+def plan_for(rules: list[Rule], model: nn.Module, loss_parallel: bool) -> dict:
+    """{module fqn: ParallelStyle} for the modules this (stage) model holds."""
+    plan = {}
+    for name, _ in model.named_modules():
+        for rule in rules:
+            if name and rule.matches(name):
+                plan[name] = build_style(
+                    rule, gather_logits=(name == "lm_head" and not loss_parallel)
+                )
+    return plan
+
+
+def build_style(rule: Rule, gather_logits: bool = False):
+    """A fresh torch ParallelStyle for one module.
+
+    gather_logits: loss parallel is off, so the logits leave lm_head replicated and local."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    classes = {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        "sequence_parallel": SequenceParallel,
+        "prepare_module_input": PrepareModuleInput,
+        "prepare_module_output": PrepareModuleOutput,
+    }
+    as_tuple = rule.style.startswith("prepare_")  # PrepareModule* take one layout per arg
+    kwargs = {k: _convert(v, as_tuple) for k, v in rule.options.items()}
+    if gather_logits:
+        kwargs.update(output_layouts=_layout("replicate"), use_local_output=True)
+    return classes[rule.style](**kwargs)
+
+
+def _convert(value, as_tuple: bool):
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, list):
+        return tuple(_layout(v) for v in value)
+    return (_layout(value),) if as_tuple else _layout(value)
+
+
+def _layout(text: str):
+    from torch.distributed.tensor import Replicate, Shard
+
+    m = LAYOUT_RE.match(text)
+    return Replicate() if m.group(2) is None else Shard(int(m.group(2)))
