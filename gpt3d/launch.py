@@ -55,13 +55,25 @@ def report_error(exc: BaseException) -> int:
         code, text = EXIT_DIVERGED, f"{who}error: {exc}"
     elif isinstance(exc, ValueError):
         code, text = EXIT_USER_ERROR, f"{who}error: {exc}"
-    else:
-        code = 1
-        text = f"[rank {_rank()}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        uniform = False
+    else:  # a bug or a dead peer: one line per failing rank, the traceback for torchrun
+        code, uniform = 1, False
+        text = f"[rank {_rank()}] failed: {type(exc).__name__}: {exc}"
+        if not _record_for_torchrun(exc):
+            text += "\n" + traceback.format_exc()
     if not uniform or _rank() == 0:
         print(text, file=sys.stderr, flush=True)
     return code
+
+
+def _record_for_torchrun(exc: BaseException) -> bool:
+    """Under torchrun, hand the traceback to its error file: the launcher then prints the
+    root cause (first failing rank) once instead of every rank's traceback."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return False
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+    return True
 
 
 def guarded_main(fn, argv: list[str]) -> None:
