@@ -14,7 +14,7 @@ import torch.distributed as dist
 from gpt3d.config import Config, gpt_config, resolve_plan_path
 from gpt3d.data import ShardedLoader, eval_batches, validate_dataset
 from gpt3d.loss import GlobalMeanLoss, loss_parallel_context, to_float
-from gpt3d.model import init_value
+from gpt3d.model import GPT, init_value
 from gpt3d.optim import build_optimizer, lr_at, set_lr
 from gpt3d.parallel.dims import build_mesh, resolve_dims, validate_layout
 from gpt3d.parallel.parallelize import parallelize
@@ -38,14 +38,28 @@ class StepStats:
     lr: float
 
 
+def preflight(cfg: Config, world_size: int):
+    """All checks that need no process group: layout vs world size, model and batch; the
+    plan file; the dataset. Returns (GPTConfig, ParallelDims, plan path or None)."""
+    gpt = gpt_config(cfg.model)
+    dims = resolve_dims(cfg.parallel, world_size)
+    validate_layout(dims, gpt, cfg.training, cfg.parallel)
+    plan_path = None
+    if dims.tp > 1:
+        plan_path = resolve_plan_path(cfg)
+        with torch.device("meta"):
+            names = [n for n, _ in GPT(gpt).named_modules() if n]
+        check_plan_matches(load_plan(plan_path), names, plan_path)
+    validate_dataset(cfg.data.dataset, gpt.vocab_size, cfg.training.seq_len)
+    return gpt, dims, plan_path
+
+
 class Trainer:
     def __init__(self, cfg: Config, weights=None):
         """weights(name, full_shape) -> tensor overrides the GPT-2 init (e.g. HF import)."""
         self.cfg, self.env = cfg, dist_env()
-        self.gpt = gpt_config(cfg.model)
-        self.dims = resolve_dims(cfg.parallel, self.env.world_size)
-        self.plan_path = resolve_plan_path(cfg) if self.dims.tp > 1 else None
-        self._validate()  # everything checkable happens before the first collective
+        # everything checkable happens before the first collective
+        self.gpt, self.dims, self.plan_path = preflight(cfg, self.env.world_size)
         init_process_group(self.env, cfg.parallel.timeout_s)
         self.mesh = build_mesh(self.dims, self.env.device.type) if self.env.world_size > 1 else None
         t = cfg.training
@@ -70,16 +84,6 @@ class Trainer:
         self._eval_batches = None
 
     # ---- setup helpers -------------------------------------------------------------------
-    def _validate(self) -> None:
-        validate_layout(self.dims, self.gpt, self.cfg.training, self.cfg.parallel)
-        if self.plan_path is not None:
-            from gpt3d.model import GPT
-
-            with torch.device("meta"):
-                names = [n for n, _ in GPT(self.gpt).named_modules() if n]
-            check_plan_matches(load_plan(self.plan_path), names, self.plan_path)
-        validate_dataset(self.cfg.data.dataset, self.gpt.vocab_size, self.cfg.training.seq_len)
-
     def _dp_rank(self) -> int:
         if self.mesh is None:
             return 0
