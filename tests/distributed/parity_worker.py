@@ -39,7 +39,8 @@ def named_full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_case(args: list[str], out: Path) -> None:
+def run_case(args: list[str], out: Path, after_step=None) -> None:
+    """after_step(trainer), if given, runs after every optimizer step."""
     trainer = Trainer(load_config(args))
     losses, norms, grads = [], [], {}
     for _ in range(trainer.cfg.training.steps):
@@ -48,6 +49,8 @@ def run_case(args: list[str], out: Path) -> None:
         norms.append(stats.grad_norm)
         if trainer.step == 1:
             grads = named_full(trainer, grads=True)
+        if after_step is not None:
+            after_step(trainer)
     params = named_full(trainer, grads=False)
     mesh = trainer.mesh
     writer = mesh is None or (trainer.dp_rank == 0 and mesh["tp"].get_local_rank() == 0)

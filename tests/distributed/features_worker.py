@@ -1,0 +1,37 @@
+"""parity_worker.py for the performance features: the same cases.json -> rank*.pt dumps,
+plus a steady-state check for torch.compile. After the first optimizer step (which compiles
+every block) dynamo is told to fail on any recompile, so a guard that changes from step to
+step (shapes, grad mode, module state) fails the launch instead of silently recompiling.
+
+Usage: torchrun --nproc_per_node=N features_worker.py <cases.json> <out_dir>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gpt3d.launch import guarded_main  # noqa: E402
+from tests.distributed.parity_worker import run_case  # noqa: E402
+
+
+def fail_on_recompile_after_first_step(trainer) -> None:
+    if trainer.cfg.training.compile and trainer.step == 1:
+        torch.compiler.set_stance("fail_on_recompile")
+
+
+def main(argv: list[str]) -> int:
+    cases = json.loads(Path(argv[0]).read_text())
+    for name, args in cases.items():
+        run_case(args, Path(argv[1]) / name, after_step=fail_on_recompile_after_first_step)
+        torch.compiler.set_stance("default")  # the next case compiles its own blocks
+    return 0
+
+
+if __name__ == "__main__":
+    guarded_main(main, sys.argv[1:])
