@@ -1,4 +1,4 @@
-"""Throughput, MFU, memory, and the metrics.jsonl / TensorBoard writers."""
+"""Throughput, MFU, memory, the metrics.jsonl / TensorBoard writers and the loss-curve plot."""
 
 from __future__ import annotations
 
@@ -101,3 +101,36 @@ def _tensorboard_writer(log_dir: Path):
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path, tokens_per_step: int = 0):
+    """Train and val loss vs step (tokens on a second axis) from metrics.jsonl, as a PNG.
+
+    Returns the PNG path, or None (with a note on stderr) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: loss-curve plot skipped: pip install 'gpt3d[plot]'", file=sys.stderr)
+        return None
+    records = read_metrics(metrics_jsonl)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if tokens_per_step:
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step)
+        )
+        top.set_xlabel("tokens")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

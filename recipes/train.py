@@ -65,6 +65,12 @@ def train(argv: list[str]) -> int:
     log(f"done: {trainer.step} steps, {trainer.step * trainer.tokens_per_step():,} tokens, "
         f"{elapsed:.1f}s, final loss {loss:.4f}")  # fmt: skip
     metrics.close()
+    if env.is_main and cfg.metrics.plot:  # loss.png next to metrics.jsonl (needs matplotlib)
+        from gpt3d.metrics import plot_loss_curve
+
+        png = Path(cfg.job.output_dir) / "loss.png"
+        if plot_loss_curve(metrics.path, png, trainer.tokens_per_step()):
+            log(f"loss curve: {png}")
     return 0
 
 
