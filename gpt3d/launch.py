@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -14,6 +15,7 @@ MULTI_PROCESS_CONFIG = str(REPO / "recipes/configs/tp2_pp2.toml")  # 4 processes
 
 EXIT_USER_ERROR = 2  # bad config/layout/plan/data/checkpoint
 EXIT_DIVERGED = 3  # loss became NaN/Inf
+UNIFORM_ERROR_GRACE_S = 5.0
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -49,7 +51,10 @@ def report_error(exc: BaseException) -> int:
 
     from gpt3d.trainer import TrainingDiverged
 
-    uniform = not (dist.is_available() and dist.is_initialized())
+    # Same on every rank: checks before any process group exists, and the (all-reduced) loss.
+    uniform = isinstance(exc, TrainingDiverged) or not (
+        dist.is_available() and dist.is_initialized()
+    )
     who = "" if uniform else f"[rank {_rank()}] "
     if isinstance(exc, TrainingDiverged):
         code, text = EXIT_DIVERGED, f"{who}error: {exc}"
@@ -62,6 +67,10 @@ def report_error(exc: BaseException) -> int:
             text += "\n" + traceback.format_exc()
     if not uniform or _rank() == 0:
         print(text, file=sys.stderr, flush=True)
+    elif _rank() != 0:
+        # Rank 0 prints the shared message; exiting first would let torchrun kill it
+        # before it does. Wait a moment (torchrun ends us as soon as rank 0 exits).
+        time.sleep(UNIFORM_ERROR_GRACE_S)
     return code
 
 

@@ -22,8 +22,14 @@ def make_dataset(path: Path, vocab_size: int = 512, n_train: int = 20_000, n_val
         base = np.arange(n) % 97
         tokens = (base * 5 + rng.integers(0, 3, n)) % vocab_size
         tokens.astype(np.uint16).tofile(path / f"{split}.bin")
-    meta = {"tokenizer": "synthetic", "vocab_size": vocab_size, "eot_id": 0, "dtype": "uint16",
-            "train_tokens": n_train, "val_tokens": n_val}  # fmt: skip
+    meta = {
+        "tokenizer": "synthetic",
+        "vocab_size": vocab_size,
+        "eot_id": 0,
+        "dtype": "uint16",
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+    }
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -45,9 +51,14 @@ def run_script(script, args, nproc: int = 1, timeout: float = 240, extra_launche
         launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *extra_launcher]
         cmd = [*launcher, script, *map(str, args)]
     return subprocess.run(
-        cmd, cwd=REPO, env=env(**kw.pop("env", {})), capture_output=True, text=True,
-        timeout=timeout, **kw,
-    )  # fmt: skip
+        cmd,
+        cwd=REPO,
+        env=env(**kw.pop("env", {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -23,12 +23,22 @@ STEPS = 5
 # lr 3e-4: Adam turns fp32 rounding in near-zero gradients (~1e-9) into update differences
 # proportional to lr; at 3e-4 those stay well below the 1e-5 parameter tolerance.
 BASE = [
-    "--model.preset=tiny", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=64",
-    "--model.block_size=32", "--model.vocab_size=512", "--model.pad_vocab_multiple=1",
-    "--training.seq_len=32", "--training.global_batch_size=16", f"--training.steps={STEPS}",
-    "--training.warmup_steps=1", "--training.lr=3e-4", "--training.min_lr=3e-5",
-    "--training.eval_interval=0", "--training.grad_clip=1.0",
-]  # fmt: skip
+    "--model.preset=tiny",
+    "--model.n_layer=4",
+    "--model.n_head=4",
+    "--model.n_embd=64",
+    "--model.block_size=32",
+    "--model.vocab_size=512",
+    "--model.pad_vocab_multiple=1",
+    "--training.seq_len=32",
+    "--training.global_batch_size=16",
+    f"--training.steps={STEPS}",
+    "--training.warmup_steps=1",
+    "--training.lr=3e-4",
+    "--training.min_lr=3e-5",
+    "--training.eval_interval=0",
+    "--training.grad_clip=1.0",
+]
 REFERENCES = {
     "tied": [],
     "untied": ["--model.tie_embeddings=false"],
@@ -38,8 +48,12 @@ TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
 
 
 def pp(n, schedule, m, v=1):
-    return [f"--parallel.pp={n}", f"--parallel.pp_schedule={schedule}",
-            f"--parallel.pp_microbatches={m}", f"--parallel.pp_stages_per_rank={v}"]  # fmt: skip
+    return [
+        f"--parallel.pp={n}",
+        f"--parallel.pp_schedule={schedule}",
+        f"--parallel.pp_microbatches={m}",
+        f"--parallel.pp_stages_per_rank={v}",
+    ]
 
 
 # name -> (world size, reference, layout overrides); layouts written as (dp, pp, tp)

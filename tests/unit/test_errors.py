@@ -12,9 +12,17 @@ from gpt3d.config import ConfigError, load_config
 from gpt3d.trainer import Trainer, TrainingDiverged, preflight
 from tests.helpers import make_dataset
 
-SMALL = ["--model.preset=tiny", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32",
-         "--model.block_size=32", "--model.vocab_size=512", "--training.seq_len=16",
-         "--training.global_batch_size=8", "--training.eval_interval=0"]  # fmt: skip
+SMALL = [
+    "--model.preset=tiny",
+    "--model.n_layer=2",
+    "--model.n_head=2",
+    "--model.n_embd=32",
+    "--model.block_size=32",
+    "--model.vocab_size=512",
+    "--training.seq_len=16",
+    "--training.global_batch_size=8",
+    "--training.eval_interval=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +66,15 @@ def test_config_errors(args, match):
         (4, ["--parallel.pp=4", "--parallel.pp_microbatches=4"], "cannot fill 4"),
         (2, ["--parallel.pp=2", "--parallel.pp_microbatches=1"], "at least 2 microbatches"),
         (2, ["--training.global_batch_size=5"], "global_batch_size=5"),
-        (2, ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--training.seq_len=15"],
-         "seq_len=15"),
+        (
+            2,
+            ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--training.seq_len=15"],
+            "seq_len=15",
+        ),
         (2, ["--parallel.pp=2", "--parallel.pp_schedule=DualPipeV"], "pp_stages_per_rank=2"),
         (2, ["--parallel.dp_mode=ddp", "--parallel.dp_shard=2"], "dp_mode='ddp'"),
     ],
-)  # fmt: skip
+)
 def test_layout_errors(data, world, args, match):
     check([f"--data.dataset={data}", *args], world, match)
 
@@ -78,12 +89,12 @@ def test_unknown_schedule_is_a_config_error():
     "text, match",
     [
         (None, "not found"),
-        ("[modules.\"wte\"\n", "not valid TOML"),
-        ("[modules.\"h.*.attn.qproj\"]\nstyle = \"colwise\"", "matches no module"),
-        ("[modules.\"wte\"]\nstyle = \"vocab_parallel\"", "unknown style"),
-        ("[modules.\"wte\"]\nstyle = \"rowwise\"\ninput_layouts = \"diagonal\"", "layouts are"),
+        ('[modules."wte"\n', "not valid TOML"),
+        ('[modules."h.*.attn.qproj"]\nstyle = "colwise"', "matches no module"),
+        ('[modules."wte"]\nstyle = "vocab_parallel"', "unknown style"),
+        ('[modules."wte"]\nstyle = "rowwise"\ninput_layouts = "diagonal"', "layouts are"),
     ],
-)  # fmt: skip
+)
 def test_plan_errors(tmp_path, data, text, match):
     plan = tmp_path / "plan.toml"
     if text is not None:
@@ -134,8 +145,15 @@ def test_data_errors(tmp_path, data, kind, match):
 
 # ---- numerics ------------------------------------------------------------------------------------
 def test_nan_loss_stops_with_the_step(data):
-    cfg = load_config([*SMALL, f"--data.dataset={data}", "--training.lr=1e6",
-                       "--training.warmup_steps=0", "--training.grad_clip=0"])  # fmt: skip
+    cfg = load_config(
+        [
+            *SMALL,
+            f"--data.dataset={data}",
+            "--training.lr=1e6",
+            "--training.warmup_steps=0",
+            "--training.grad_clip=0",
+        ]
+    )
     trainer = Trainer(cfg)
     with pytest.raises(TrainingDiverged, match=r"at step \d+"):
         for _ in range(50):

@@ -15,8 +15,9 @@ MODEL = ["--model.preset=tiny", "--model.n_layer=4", "--model.n_head=4", "--mode
 
 
 def layout(world: int, *overrides: str):
-    cfg = load_config([*MODEL, "--training.global_batch_size=16", "--training.seq_len=32",
-                       *overrides])  # fmt: skip
+    cfg = load_config(
+        [*MODEL, "--training.global_batch_size=16", "--training.seq_len=32", *overrides]
+    )
     from gpt3d.config import gpt_config
 
     dims = resolve_dims(cfg.parallel, world)
@@ -34,8 +35,11 @@ def test_dp_shard_takes_what_is_left():
 @pytest.mark.parametrize(
     "world, overrides, message",
     [
-        (4, ["--parallel.tp=2", "--parallel.dp_shard=1", "--model.pad_vocab_multiple=64"],
-         "--nproc_per_node=2"),
+        (
+            4,
+            ["--parallel.tp=2", "--parallel.dp_shard=1", "--model.pad_vocab_multiple=64"],
+            "--nproc_per_node=2",
+        ),
         (3, ["--parallel.tp=2"], "not divisible"),
         (3, ["--parallel.tp=3", "--parallel.dp_shard=1"], "n_head=4 is not divisible"),
         (2, ["--parallel.tp=2"], "pad_vocab_multiple"),
@@ -45,15 +49,31 @@ def test_dp_shard_takes_what_is_left():
         (2, ["--parallel.pp=2", "--parallel.pp_stages_per_rank=2"], "runs one stage per rank"),
         (2, ["--parallel.pp=2", "--parallel.pp_microbatches=3"], "global_batch_size=16"),
         (4, ["--training.global_batch_size=6"], "not divisible by dp (4)"),
-        (2, ["--parallel.tp=2", "--model.pad_vocab_multiple=64",
-             "--parallel.sequence_parallel=true", "--training.seq_len=31"], "seq_len=31"),
+        (
+            2,
+            [
+                "--parallel.tp=2",
+                "--model.pad_vocab_multiple=64",
+                "--parallel.sequence_parallel=true",
+                "--training.seq_len=31",
+            ],
+            "seq_len=31",
+        ),
         (2, ["--parallel.dp_mode=ddp", "--parallel.dp_shard=2"], "dp_mode='ddp'"),
         (2, ["--parallel.pp=2", "--parallel.pp_layer_split=1,1"], "pp_layer_split"),
-        (4, ["--parallel.pp=2", "--parallel.pp_schedule=Interleaved1F1B",
-             "--parallel.pp_stages_per_rank=2", "--parallel.pp_microbatches=5",
-             "--training.global_batch_size=10"], "multiple of the rounds"),
+        (
+            4,
+            [
+                "--parallel.pp=2",
+                "--parallel.pp_schedule=Interleaved1F1B",
+                "--parallel.pp_stages_per_rank=2",
+                "--parallel.pp_microbatches=5",
+                "--training.global_batch_size=10",
+            ],
+            "multiple of the rounds",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_layout_is_one_clear_error(world, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         layout(world, *overrides)
@@ -113,8 +133,15 @@ def test_loss_parallel_off_gathers_logits():
     rules = load_plan("recipes/plans/gpt_tp.toml")
     with torch.device("meta"):
         style = plan_for(rules, GPT(preset_config("tiny")), loss_parallel=False)["lm_head"]
-    assert isinstance(style.output_layouts[0] if isinstance(style.output_layouts, tuple)
-                      else style.output_layouts, Replicate) and style.use_local_output  # fmt: skip
+    assert (
+        isinstance(
+            style.output_layouts[0]
+            if isinstance(style.output_layouts, tuple)
+            else style.output_layouts,
+            Replicate,
+        )
+        and style.use_local_output
+    )
 
 
 @pytest.mark.parametrize(
@@ -122,15 +149,19 @@ def test_loss_parallel_off_gathers_logits():
     [
         ("[modules.\"h.*.attn.q_proj\"\nstyle='colwise'", "not valid TOML"),
         ("[modules.\"h.*.attn.q_proj\"]\nstyle = 'colwize'", "did you mean 'colwise'"),
-        ("[modules.\"h.*.attn.q_proj\"]\nstyle = 'colwise'\noutput_layouts = 'sharded(1)'",
-         "layouts are 'replicate' or 'shard"),
-        ("[modules.\"h.*.attn.q_proj\"]\nstyle = 'colwise'\ndesired_input_layouts = 'replicate'",
-         "style colwise takes"),
+        (
+            "[modules.\"h.*.attn.q_proj\"]\nstyle = 'colwise'\noutput_layouts = 'sharded(1)'",
+            "layouts are 'replicate' or 'shard",
+        ),
+        (
+            "[modules.\"h.*.attn.q_proj\"]\nstyle = 'colwise'\ndesired_input_layouts = 'replicate'",
+            "style colwise takes",
+        ),
         ("[modules.\"h.*.atn.q_proj\"]\nstyle = 'colwise'", "closest module names"),
         ("[modules.\"wte\"]\ninput_layouts = 'replicate'", "needs style"),
         ("[plan]\nx = 1", "expected \\[modules"),
     ],
-)  # fmt: skip
+)
 def test_bad_plan_file_names_the_entry(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(PlanError, match=message):

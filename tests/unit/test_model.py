@@ -37,7 +37,9 @@ def test_gpt2_preset_has_openai_parameter_count():
 def test_formula_is_independent_arithmetic():
     # 12 layers x (12 C^2 + 13 C) + embeddings + final LayerNorm, written out for gpt2
     C, L, V, P = 768, 12, 50257, 1024
-    assert count_params_formula(PRESETS["gpt2"]) == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+    assert (
+        count_params_formula(PRESETS["gpt2"]) == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+    )
 
 
 def test_forward_shape_and_padded_vocab_never_predicted():
@@ -86,8 +88,10 @@ def test_meta_build_then_materialise_equals_eager_init():
 
 def test_untied_lm_head_copy_starts_equal_to_wte():
     # a pipeline's last stage holds the tied embedding as lm_head.weight
-    assert torch.equal(init_value(TINY, "lm_head.weight", (300, 64), 5),
-                       init_value(TINY, "wte.weight", (300, 64), 5))  # fmt: skip
+    assert torch.equal(
+        init_value(TINY, "lm_head.weight", (300, 64), 5),
+        init_value(TINY, "wte.weight", (300, 64), 5),
+    )
 
 
 def test_pipeline_stages_compose_to_the_full_model():
