@@ -67,9 +67,16 @@ class Trainer:
         seed = cfg.job.seed
         weights = weights or (lambda name, shape: init_value(self.gpt, name, shape, seed))
         self.model = parallelize(
-            self.gpt, cfg.parallel, t, self.dims, self.mesh, self.env.device,
-            weights, self.loss_fn, self.plan_path,
-        )  # fmt: skip
+            self.gpt,
+            cfg.parallel,
+            t,
+            self.dims,
+            self.mesh,
+            self.env.device,
+            weights,
+            self.loss_fn,
+            self.plan_path,
+        )
         self.params = self.model.parameters()
         self.optimizer = build_optimizer(
             self.params, t.lr, t.weight_decay, (t.beta1, t.beta2), t.fused_optimizer
@@ -111,7 +118,7 @@ class Trainer:
         loss_value = self._global_sum(loss)
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
             raise TrainingDiverged(
-                f"loss became {loss_value} (grad norm {norm}) at step {self.step}; "
+                f"loss became {loss_value} (grad norm {norm}) at step {self.step + 1}; "
                 f"lower training.lr (now {t.lr}) or check the data"
             )
         self.optimizer.step()
@@ -178,9 +185,13 @@ class Trainer:
         t = self.cfg.training
         if self._eval_batches is None:
             self._eval_batches = eval_batches(
-                self.cfg.data.dataset, t.seq_len, t.global_batch_size, t.eval_steps,
-                self.dp_rank, self.dims.dp,
-            )  # fmt: skip
+                self.cfg.data.dataset,
+                t.seq_len,
+                t.global_batch_size,
+                t.eval_steps,
+                self.dp_rank,
+                self.dims.dp,
+            )
         self.model.train(False)
         total = torch.zeros((), device=self.env.device)
         for x, y, _ in self._eval_batches:
