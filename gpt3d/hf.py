@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt3d.model import GPT, GPTConfig
@@ -326,3 +327,80 @@ def _infer_config(
     if cfg.n_embd % n_head:
         raise ValueError(f"n_head={n_head} does not divide n_embd={cfg.n_embd} of {path}")
     return cfg
+
+
+# ---------------------------------------------------------------------------- lazy import
+
+
+def _header_shapes(files: list[Path]) -> dict[str, tuple[Path, Tensor]]:
+    """Stored key -> (file, meta tensor of its shape), from safetensors headers only."""
+    out = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
+                    shape = handle.get_slice(key).get_shape()
+                    out[key] = (f, torch.empty(shape, device="meta"))
+        except Exception as e:  # safetensors' SafetensorError: header/format problems
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
+    return out
+
+
+class LazyHFWeights:
+    """weights(name, full_shape) -> one gpt3d tensor read from HF GPT-2 safetensors, for
+    gpt3d.parallel.parallelize.load_weights: each call reads just the bytes it needs (a q/k/v
+    slice of c_attn, one Conv1D weight, transposed), so no process ever holds the whole model.
+
+    Every HF key and shape is checked against `cfg` from the file headers at construction."""
+
+    def __init__(self, path: str | os.PathLike, cfg: GPTConfig):
+        path = Path(path)
+        header = _header_shapes(_weight_files(path) if path.is_dir() else [path])
+        # HF name without "transformer." -> (file, stored key); the mask buffers dropped
+        self.cfg = cfg
+        self.where = {k.removeprefix("transformer."): (f, k) for k, (f, _) in header.items()}
+        shapes = _strip_hf({k: t for k, (_, t) in header.items()})
+        if cfg.tie_embeddings:
+            shapes.pop("lm_head.weight", None)
+        _check_shapes(shapes, _hf_shapes(cfg), cfg, "GPT-2 checkpoint")
+
+    def _read(self, name: str, index=None) -> Tensor:
+        f, key = self.where[name]
+        with safe_open(f, "pt") as handle:
+            return handle.get_slice(key)[index] if index is not None else handle.get_tensor(key)
+
+    def __call__(self, name: str, shape=None) -> Tensor:
+        C, Vp = self.cfg.n_embd, self.cfg.padded_vocab_size
+        if name in ("wte.weight", "lm_head.weight"):
+            source = "wte.weight" if self.cfg.tie_embeddings else name
+            return _pad_rows(self._read(source), Vp).float()
+        if m := re.fullmatch(r"(h\.\d+\.)attn\.([qkv])_proj\.(weight|bias)", name):
+            j = "qkv".index(m[2])  # columns [jC, (j+1)C) of Conv1D c_attn (C, 3C)
+            cols = slice(j * C, (j + 1) * C)
+            if m[3] == "bias":
+                return self._read(m[1] + "attn.c_attn.bias", cols).float()
+            return self._read(m[1] + "attn.c_attn.weight", (slice(None), cols)).T.float()
+        if name.endswith(".weight") and any(f".{c}." in f".{name}" for c in _CONV1D):
+            return self._read(name).T.float()  # Conv1D (in, out) -> Linear (out, in)
+        return self._read(name).float()
+
+
+def hf_config(path: str | os.PathLike, *, n_head: int | None = None, pad_vocab_multiple: int = 1):
+    """GPTConfig of a HF GPT-2 directory or .safetensors file, read without loading weights:
+    config.json when present, else shapes from the safetensors header (n_head must be given)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; give a Hugging Face GPT-2 directory "
+                         "(config.json + model.safetensors) or a .safetensors file")  # fmt: skip
+    if not path.is_dir() and path.suffix != ".safetensors":
+        raise ValueError(f"{path} is neither a directory nor a .safetensors file")
+    cfg_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    hf_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+    if hf_cfg is not None and hf_cfg.get("model_type") == "gpt2":
+        cfg = gpt_config_from_hf(hf_cfg, pad_vocab_multiple=pad_vocab_multiple)
+        if n_head is not None and n_head != cfg.n_head:
+            raise ValueError(f"n_head={n_head} contradicts n_head={cfg.n_head} in {cfg_file}")
+        return cfg
+    header = _header_shapes(_weight_files(path) if path.is_dir() else [path])
+    shapes = _strip_hf({k: t for k, (_, t) in header.items()})
+    return _infer_config(shapes, path, n_head, hf_cfg, pad_vocab_multiple)

@@ -20,13 +20,22 @@ from gpt3d.launch import Logger, guarded_main, with_default_config  # noqa: E402
 
 
 def train(argv: list[str]) -> int:
+    from gpt3d.checkpoint import Checkpointer, StopOnSignal, resolve_resume
     from gpt3d.config import load_config
     from gpt3d.metrics import MetricsWriter, device_peak_flops, flops_per_token, peak_memory_gib
+    from gpt3d.pretrained import describe, init_from_pretrained
     from gpt3d.trainer import Trainer
 
     cfg = load_config(with_default_config(argv))
-    trainer = Trainer(cfg)
+    pretrained = init_from_pretrained(cfg)  # checkpoint.init_from: its shape, lazy weights
+    resume = resolve_resume(cfg)  # a verified checkpoint (or None), before any collective
+    trainer = Trainer(cfg, weights=None if resume else pretrained)
     log = Logger(trainer.env.rank, cfg.job.log_all_ranks)
+    ckpt = Checkpointer(trainer, log)
+    if pretrained is not None:
+        log(f"init from {cfg.checkpoint.init_from}: {describe(pretrained.cfg)}")
+    if resume is not None:
+        ckpt.load(resume)
     t, env = cfg.training, trainer.env
     metrics = MetricsWriter(cfg.job.output_dir, env.is_main, cfg.metrics.tensorboard)
     peak = device_peak_flops(env.device, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops)
@@ -36,6 +45,7 @@ def train(argv: list[str]) -> int:
         f"{trainer.tokens_per_step()} tokens")  # fmt: skip
     start = tick = time.perf_counter()
     loss = float("nan")
+    stop = StopOnSignal()  # SIGTERM/SIGINT: save at the next step boundary, then exit 0
     while trainer.step < t.steps:
         stats = trainer.train_step()
         step, loss = trainer.step, stats.loss
@@ -61,6 +71,12 @@ def train(argv: list[str]) -> int:
             log(f"step {step:5d} | val_loss {val:.4f}")
             metrics.write({"step": step, "val_loss": val})
             tick = time.perf_counter()
+        ckpt.maybe_save()
+        if stop.on_any_rank():
+            log(f"signal {stop.received or 'on another rank'}: saving step {step} and stopping")
+            ckpt.save()
+            break
+    ckpt.finish()  # final save (checkpoint.save_final) and any background write
     elapsed = time.perf_counter() - start
     log(f"done: {trainer.step} steps, {trainer.step * trainer.tokens_per_step():,} tokens, "
         f"{elapsed:.1f}s, final loss {loss:.4f}")  # fmt: skip
