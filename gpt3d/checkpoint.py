@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_SUFFIX = ".tmp"
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _HEAD, _WTE = "lm_head.weight", "wte.weight"
@@ -126,6 +128,17 @@ def _model_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def find_checkpoint(spec: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """A checkpoint path as given, or for "auto" the latest complete one under output_dir."""
+    if str(spec) != "auto":
+        return Path(spec)
+    found = latest_complete(checkpoint_root(output_dir))
+    if found is None:
+        raise ValueError(f"no complete checkpoint in {checkpoint_root(output_dir)}; give the "
+                         "run's output directory or a step-N checkpoint path")  # fmt: skip
+    return found
+
+
 def resolve_resume(cfg) -> Path | None:
     """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start.
     "auto": the latest complete checkpoint in job.output_dir, if any."""
@@ -147,7 +160,9 @@ def load_model_state_dict(path: str | os.PathLike) -> tuple[GPTConfig, dict[str,
     path = Path(path)
     cfg = GPTConfig(**verify(path)["model"])
     sd = {k: torch.empty(shape) for k, shape in _model_shapes(cfg).items()}
-    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
     if cfg.tie_embeddings:
         sd[_HEAD] = sd[_WTE]
     return cfg, sd
