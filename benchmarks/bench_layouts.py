@@ -1,0 +1,133 @@
+"""Every layout of gpt3d's real Trainer (real torchrun launches), same model and global
+batch: tokens/s, step time and per-rank memory, relative to the 1-process run.
+
+    python benchmarks/bench_layouts.py                   # ~4 min on the 2-core box
+    python benchmarks/bench_layouts.py --layouts "1 process,tp2,dp2 FSDP" --steps 3
+
+On a 2-core CPU box, 2 processes can at best double the 1-process throughput and 4 or 8
+processes share the same 2 cores (oversubscribed): those rows measure overheads
+(communication, scheduling), not scaling. The 1-process run with 2 threads is the fair
+"same hardware" baseline for the 2-process layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import (
+    LAYOUTS,
+    REPO,
+    add_model_flags,
+    launch,
+    machine,
+    median,
+    model_args,
+    pyplot,
+    run_layouts,
+    synthetic_data,
+    table,
+    write_results,
+)  # fmt: skip
+
+
+def summarize(name: str, ranks: list[dict], base: dict | None) -> dict:
+    step = max(median(r["step_s"]) for r in ranks)  # the step ends when the slowest rank does
+    mem = [r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["activation_peak_bytes"]
+           for r in ranks]  # fmt: skip
+    row = {
+        "layout": name, "world": ranks[0]["world"], "step_ms": 1e3 * step,
+        "tokens_per_s": ranks[0]["tokens_per_step"] / step,
+        "mem_max_MiB": max(mem) / 2**20, "mem_min_MiB": min(mem) / 2**20,
+        "final_loss": next(r["losses"][-1] for r in reversed(ranks)),
+    }  # fmt: skip
+    if base is not None:
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["mem_rel"] = row["mem_max_MiB"] / base["mem_max_MiB"]
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+    names = [r["layout"] for r in rows]
+    a1.barh(names, [r.get("speedup", 1.0) for r in rows], color="tab:blue")
+    a1.axvline(1.0, color="k", lw=0.8)
+    a1.set_xlabel("tokens/s relative to 1 process (1 thread)")
+    a2.barh(names, [r.get("mem_rel", 1.0) for r in rows], color="tab:orange")
+    a2.axvline(1.0, color="k", lw=0.8)
+    a2.set_xlabel("max per-rank memory relative to 1 process")
+    a1.invert_yaxis()
+    fig.suptitle("bench_layouts (2-core CPU; ≥4 processes are oversubscribed)")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_flags(p)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default=str(REPO / "benchmarks/results"))
+    a = p.parse_args()
+    info = machine()
+    work = Path(tempfile.mkdtemp(prefix="bench_layouts_"))
+    base = model_args(synthetic_data(work, a.vocab), a)
+    names = [n.strip() for n in a.layouts.split(",")]
+    spec = {"warmup": a.warmup, "steps": a.steps, "memory": True}
+    results = run_layouts(names, base, spec, work)
+    # The 1-process baseline again at the end (and with 2 threads): load drifts over minutes.
+    again = {"again": {"args": base, **spec}, "threads2": {"args": base, **spec, "threads": 2}}
+    end = launch(1, again, work / "end")
+    results["1 process, 2 threads"] = end["threads2"]
+    ref = None
+    if "1 process" in results:
+        first, last = (
+            summarize("1 process", r, None) for r in (results["1 process"], end["again"])
+        )
+        ref = {**first, "tokens_per_s": 0.5 * (first["tokens_per_s"] + last["tokens_per_s"])}
+        baseline = (first["tokens_per_s"], last["tokens_per_s"])
+    rows = [summarize(n, results[n], ref) for n in [*names, "1 process, 2 threads"]]
+    cols = [
+        ("layout", "layout", "s"),
+        ("world", "procs", "d"),
+        ("tokens_per_s", "tokens/s", ",.0f"),
+        ("step_ms", "step ms", ".0f"),
+        ("speedup", "× 1 proc", ".2f"),
+        ("mem_max_MiB", "mem/rank max MiB", ".1f"),
+        ("mem_min_MiB", "min MiB", ".1f"),
+        ("mem_rel", "mem × 1 proc", ".2f"),
+        ("final_loss", "loss", ".4f"),
+    ]
+    notes = [
+        f"model {a.n_layer}L/{a.n_head}h/{a.n_embd}d, vocab {a.vocab} (synthetic data), "
+        f"seq {a.seq}, "
+        f"global batch {a.batch} sequences = {a.batch * a.seq} tokens per step; fp32, eager",
+        "step ms: median of the timed steps on each rank, max over ranks; tokens/s from it",
+        "mem/rank: parameters + gradients + optimizer state + peak saved activations, counted "
+        "from the tensors each rank holds (see bench_memory for the breakdown); not process RSS",
+        "every process runs 1 thread; 2 processes fill the 2 cores, 4 and 8 processes share them "
+        "(oversubscribed: their tokens/s shows overhead, not scaling); other engineers' jobs "
+        "shared the machine during the run (load average at start above)",
+        "pipeline layouts: 4 microbatches; losses agree across layouts (same data, same init)",
+    ]
+    if ref is not None:
+        notes.append(
+            "× 1 proc is against the mean of two 1-process (1 thread) runs, the first launch and "
+            f"the last: {baseline[0]:,.0f} and {baseline[1]:,.0f} tokens/s"
+        )
+    config = {"model": vars(a), "layouts": names}
+    write_results("bench_layouts", "bench_layouts: throughput and memory per layout", info,
+                  config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
+    plot(rows, Path(a.out) / "bench_layouts.png")
+
+
+if __name__ == "__main__":
+    main()

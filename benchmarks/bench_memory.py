@@ -1,0 +1,163 @@
+"""Per-rank memory of each layout: parameters, gradients, optimizer state (counted from the
+tensors each rank holds after a real step of gpt3d's Trainer) against the
+1/(tp·pp·dp_shard) theory, and the peak of activations saved for backward.
+
+    python benchmarks/bench_memory.py                     # ~3 min on the 2-core box
+    python benchmarks/bench_memory.py --vocab 50257 --name bench_memory_gpt2_vocab
+
+Theory: a rank holds total/(tp·pp·dp_shard) of the 1-process model state. What it does not
+shard shows up as overshoot: LayerNorm weights and row-parallel biases are replicated over tp,
+and with pp > 1 a tied embedding exists twice (first stage wte, last stage lm_head copy).
+Activations are measured with autograd's saved-tensor hooks (storage-deduplicated, parameters
+excluded), not with process RSS, which on a CPU also counts libraries and the allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from pathlib import Path
+
+from common import (
+    LAYOUTS,
+    REPO,
+    SP,
+    TP2,
+    add_model_flags,
+    machine,
+    model_args,
+    pp_args,
+    pyplot,
+    run_layouts,
+    synthetic_data,
+    table,
+    write_results,
+)  # fmt: skip
+
+MEMORY_LAYOUTS = {
+    **{k: LAYOUTS[k] for k in ("1 process", "dp2 FSDP", "dp2 DDP", "tp2", "tp2+SP")},
+    "pp2 GPipe": LAYOUTS["pp2 GPipe"],
+    "pp2 1F1B": LAYOUTS["pp2 1F1B"],
+    "pp2 ZBVZeroBubble": LAYOUTS["pp2 ZBVZeroBubble"],
+    "dp4 FSDP": (4, []),
+    "tp4": (4, ["--parallel.tp=4"]),
+    "dp2×tp2 FSDP+SP": LAYOUTS["dp2×tp2 FSDP+SP"],
+    "dp2×pp2 FSDP": (4, pp_args(2, "1F1B", 4)),
+    "tp2×pp2 1F1B": LAYOUTS["tp2×pp2 1F1B"],
+    "dp2×pp2×tp2 FSDP+SP": (8, [TP2, SP, *pp_args(2, "1F1B", 4)]),
+}
+MiB = 2**20
+
+
+def degrees(layout: str) -> dict[str, int]:
+    """'pp=2 x dp_replicate=1 x dp_shard=2 x tp=2' -> {'pp': 2, ...}"""
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", layout)}
+
+
+def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
+    d = degrees(ranks[0]["layout"])
+    state = [r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] for r in ranks]
+    worst = ranks[state.index(max(state))]
+    row = {
+        "layout": name, "world": ranks[0]["world"],
+        "shards": d["tp"] * d["pp"] * d["dp_shard"],
+        "param_MiB": worst["param_bytes"] / MiB, "grad_MiB": worst["grad_bytes"] / MiB,
+        "optim_MiB": worst["optim_bytes"] / MiB, "state_MiB": max(state) / MiB,
+        "state_min_MiB": min(state) / MiB,
+        "act_MiB": max(r["activation_peak_bytes"] for r in ranks) / MiB,
+    }  # fmt: skip
+    if ref is not None:
+        row["theory_MiB"] = ref["state_MiB"] / row["shards"]
+        row["vs_theory"] = row["state_MiB"] / row["theory_MiB"]
+        row["act_rel"] = row["act_MiB"] / ref["act_MiB"]
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    names = [r["layout"] for r in rows]
+    ys = range(len(rows))
+    left = [0.0] * len(rows)
+    for key, label in (
+        ("param_MiB", "parameters"),
+        ("grad_MiB", "gradients"),
+        ("optim_MiB", "AdamW state"),
+        ("act_MiB", "saved activations (peak)"),
+    ):
+        vals = [r[key] for r in rows]
+        ax.barh(ys, vals, left=left, label=label)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    ax.scatter(
+        [r.get("theory_MiB", 0) for r in rows],
+        ys,
+        color="k",
+        marker="|",
+        s=300,
+        zorder=3,
+        label="1/(tp·pp·dp_shard) theory (model state)",
+    )
+    ax.set_yticks(list(ys), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB on the fullest rank")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("bench_memory: per-rank bytes by layout")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_flags(p, n_layer=8)
+    p.add_argument("--layouts", default=",".join(MEMORY_LAYOUTS))
+    p.add_argument("--name", default="bench_memory", help="results file name")
+    p.add_argument("--out", default=str(REPO / "benchmarks/results"))
+    a = p.parse_args()
+    info = machine()
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    base = model_args(synthetic_data(work, a.vocab), a)
+    names = [n.strip() for n in a.layouts.split(",")]
+    spec = {"warmup": 1, "steps": 1, "memory": True}
+    results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS)
+    ref = row_for("1 process", results["1 process"], None) if "1 process" in results else None
+    rows = [row_for(n, results[n], ref) for n in names]
+    cols = [
+        ("layout", "layout", "s"),
+        ("world", "procs", "d"),
+        ("shards", "tp·pp·dp_shard", "d"),
+        ("param_MiB", "params", ".2f"),
+        ("grad_MiB", "grads", ".2f"),
+        ("optim_MiB", "AdamW", ".2f"),
+        ("state_MiB", "state max", ".2f"),
+        ("state_min_MiB", "state min", ".2f"),
+        ("theory_MiB", "theory", ".2f"),
+        ("vs_theory", "max / theory", ".3f"),
+        ("act_MiB", "activations peak", ".2f"),
+        ("act_rel", "act × 1 proc", ".2f"),
+    ]
+    worst = max((r for r in rows if "vs_theory" in r), key=lambda r: r["vs_theory"])
+    notes = [
+        f"model {a.n_layer}L/{a.n_head}h/{a.n_embd}d, vocab {a.vocab} (padded to 64), seq {a.seq}, "
+        f"global batch {a.batch} sequences; fp32 AdamW (exp_avg + exp_avg_sq); pipeline "
+        "layouts use 4 microbatches",
+        "MiB on the rank with the most model state (params + grads + AdamW); state min: the "
+        "rank with the least; theory = 1-process state / (tp·pp·dp_shard)",
+        "activations: peak bytes of tensors saved for backward during one train_step (saved-"
+        "tensor hooks, storage-deduplicated, parameters excluded); act × 1 proc is relative to "
+        "the 1-process peak",
+        f"largest overshoot: {worst['layout']} at {worst['vs_theory']:.3f} x theory",
+    ]
+    config = {"model": vars(a), "layouts": names}
+    write_results(a.name, "bench_memory: per-rank bytes vs the 1/(tp·pp·dp_shard) theory", info,
+                  config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
+    plot(rows, Path(a.out) / f"{a.name}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Shared by the benchmark scripts: machine facts, a measured matmul peak, torchrun launches
+of benchmarks/worker.py, and results/<name>.json + .md (+ a PNG where a picture helps).
+
+Benchmarks are scripts, not tests: each prints a table and writes its results. Timings on
+the shared 2-core CPU box are noisy, so every script compares variants measured in the same
+run (alternated, best-of-N) and reports ratios next to absolute numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": _git_commit(),
+    }
+    return info
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        return out.stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def matmul_peak_flops(dtype=torch.float32, n: int = 1024, seconds: float = 1.0, device="cpu"):
+    """Measured dense matmul FLOP/s of this device (best of a few timed windows): the
+    realistic ceiling MFU is measured against on a CPU, where no datasheet number applies."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = 0.0
+    for _ in range(3):
+        a @ b
+        _sync(device)
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 3:
+            a @ b
+            k += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
+    return best
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def launch(nproc: int, cases: dict, out_dir: Path, timeout: float = 1200) -> dict:
+    """Run benchmarks/worker.py on nproc processes (plain python for 1) over `cases`
+    ({name: {"args": [...], ...}}); returns {name: [per-rank result dicts]}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / f"cases_{nproc}.json"
+    spec.write_text(json.dumps(cases))
+    worker = str(REPO / "benchmarks" / "worker.py")
+    cmd = [sys.executable, worker] if nproc == 1 else [
+        *TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", worker
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*cmd, str(spec), str(out_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    print(f"  launch of {nproc} process(es), {len(cases)} case(s): "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{nproc}-process launch failed:\n{proc.stdout[-3000:]}"
+                           f"\n{proc.stderr[-5000:]}")  # fmt: skip
+    results = {}
+    for name in cases:
+        files = sorted((out_dir / name).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        results[name] = [json.loads(f.read_text()) for f in files]
+    return results
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns: (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" if f == "s" else "---:" for _, _, f in columns) + "|"
+    lines = [head, rule]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("—" if v is None else format(v, fmt) if fmt != "s" else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, title: str, info: dict, config: dict, rows: list[dict],
+                  markdown: str, notes: list[str], out_dir: Path = RESULTS) -> None:  # fmt: skip
+    """results/<name>.json (everything) and results/<name>.md (title, machine, table, notes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "machine": info, "config": config, "rows": rows, "notes": notes}
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    facts = ", ".join(f"{k} {v}" for k, v in info.items() if v is not None)
+    md = [f"# {title}", "", f"Measured: {facts}.", "", f"Config: `{json.dumps(config)}`", "",
+          markdown, ""]  # fmt: skip
+    md += [f"- {n}" for n in notes]
+    (out_dir / f"{name}.md").write_text("\n".join(md).rstrip() + "\n")
+    print(markdown)
+    for n in notes:
+        print(f"- {n}")
+    print(f"wrote {out_dir / name}.json and .md")
+
+
+def pyplot():
+    """matplotlib.pyplot (Agg), or None with a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no plot (pip install 'gpt3d[plot]')")
+        return None
+    return plt
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# ---- layouts and a synthetic model shared by bench_layouts / bench_memory ---------------
+def pp_args(n: int, schedule: str, m: int, v: int = 1) -> list[str]:
+    return [f"--parallel.pp={n}", f"--parallel.pp_schedule={schedule}",
+            f"--parallel.pp_microbatches={m}", f"--parallel.pp_stages_per_rank={v}"]  # fmt: skip
+
+
+TP2, SP, DDP = "--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.dp_mode=ddp"
+# name -> (world size, layout overrides); pipeline layouts use 4 microbatches
+LAYOUTS = {
+    "1 process": (1, []),
+    "dp2 FSDP": (2, []),
+    "dp2 DDP": (2, [DDP]),
+    "tp2": (2, [TP2]),
+    "tp2+SP": (2, [TP2, SP]),
+    "pp2 GPipe": (2, pp_args(2, "GPipe", 4)),
+    "pp2 1F1B": (2, pp_args(2, "1F1B", 4)),
+    "pp2 Interleaved1F1B": (2, pp_args(2, "Interleaved1F1B", 4, 2)),
+    "pp2 LoopedBFS": (2, pp_args(2, "LoopedBFS", 4, 2)),
+    "pp2 InterleavedZeroBubble": (2, pp_args(2, "InterleavedZeroBubble", 4, 2)),
+    "pp2 ZBVZeroBubble": (2, pp_args(2, "ZBVZeroBubble", 4, 2)),
+    "pp2 DualPipeV": (2, pp_args(2, "DualPipeV", 4, 2)),
+    "dp2×tp2 FSDP+SP": (4, [TP2, SP]),
+    "tp2×pp2 1F1B": (4, [TP2, SP, *pp_args(2, "1F1B", 4)]),
+    "dp2×pp2×tp2 FSDP+SP": (8, [TP2, SP, *pp_args(2, "1F1B", 4)]),
+}
+
+
+def synthetic_data(root: Path, vocab: int) -> Path:
+    """A token dataset in prepare.py's format (small vocab keeps the lm_head from dominating)."""
+    from tests.helpers import make_dataset
+
+    path = root / f"data{vocab}"
+    if not (path / "meta.json").exists():
+        make_dataset(path, vocab_size=vocab, n_train=200_000, n_val=4_000)
+    return path
+
+
+def model_args(data: Path, a) -> list[str]:
+    """Trainer overrides for the benchmark model; `a` has n_layer, n_head, n_embd, vocab,
+    seq, batch."""
+    return [
+        f"--data.dataset={data}", "--model.preset=gpt2", f"--model.n_layer={a.n_layer}",
+        f"--model.n_head={a.n_head}", f"--model.n_embd={a.n_embd}", f"--model.block_size={a.seq}",
+        f"--model.vocab_size={a.vocab}", "--model.pad_vocab_multiple=64",
+        f"--training.seq_len={a.seq}", f"--training.global_batch_size={a.batch}",
+        "--training.steps=1000000", "--training.warmup_steps=0", "--training.lr=1e-4",
+        "--training.eval_interval=0",
+    ]  # fmt: skip
+
+
+def add_model_flags(p, n_layer=4, n_head=4, n_embd=256, vocab=512, seq=128, batch=8) -> None:
+    p.add_argument("--n-layer", type=int, default=n_layer)
+    p.add_argument("--n-head", type=int, default=n_head)
+    p.add_argument("--n-embd", type=int, default=n_embd)
+    p.add_argument("--vocab", type=int, default=vocab, help="synthetic dataset vocabulary")
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--batch", type=int, default=batch, help="global batch (sequences)")
+
+
+def run_layouts(names: list[str], base: list[str], spec: dict, work: Path, layouts=None) -> dict:
+    """Launch every layout (grouped by world size, one launch each); {name: [rank dicts]}."""
+    layouts = layouts or LAYOUTS
+    by_world: dict[int, dict] = {}
+    for name in names:
+        world, layout = layouts[name]
+        key = name.replace(" ", "_").replace("×", "x").replace("+", "_")
+        by_world.setdefault(world, {})[key] = {"args": [*base, *layout], **spec, "_name": name}
+    results = {}
+    for world, cases in sorted(by_world.items()):
+        out = launch(world, cases, work)
+        results.update({cases[k]["_name"]: v for k, v in out.items()})
+    return results
