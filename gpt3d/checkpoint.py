@@ -209,6 +209,10 @@ class Checkpointer:
         self.view = _merged_view(trainer.model.parts)
         self.last_saved = -1
         self.pending = None  # async save in flight: (future, tmp dir, meta)
+        if _restarts_may_hang():
+            log("warning: torchrun --max-restarts with the shared rendezvous TCPStore reuses "
+                "stale keys on restart and can hang in torch 2.13 (pytorch#135712); launch "
+                "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")  # fmt: skip
         # Async writes run collectives from a background thread: give them their own group.
         use_group = self.cfg.async_save and dist.is_initialized()
         self.async_group = dist.new_group(backend="gloo") if use_group else None
@@ -399,6 +403,12 @@ def _set_rng_state(state: dict, rank: int) -> None:
     torch.set_rng_state(state[f"rank{rank}.cpu"])
     if f"rank{rank}.cuda" in state:
         torch.cuda.set_rng_state(state[f"rank{rank}.cuda"])
+
+
+def _restarts_may_hang() -> bool:
+    env = os.environ
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+    return restarts and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def _barrier() -> None:
