@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, machine, matmul_peak_flops, median, table, write_results
+from common import REPO, gpt2_data, machine, matmul_peak_flops, median, table, write_results
 
 from gpt3d.config import load_config
 from gpt3d.metrics import device_peak_flops, flops_per_token, peak_memory_gib
@@ -54,6 +54,7 @@ def main() -> int:
         print("no CUDA: bench_gpu.py measures a CUDA GPU; nothing to do here (exit 0)")
         return 0
     torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left
+    a.data = str(gpt2_data(Path(a.data)))
     info = machine()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = 8192 if dev.type == "cuda" else 1024

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import REPO, machine, matmul_peak_flops, median, pyplot, table, write_results
+from common import REPO, gpt2_data, machine, matmul_peak_flops, median, pyplot, table, write_results
 
 from gpt3d.config import load_config
 from gpt3d.metrics import device_peak_flops, flops_per_token
@@ -36,7 +36,7 @@ SIZES = {  # n_layer, n_head, n_embd
     "small": (6, 6, 384),
     "gpt2": (12, 12, 768),
 }
-DATA = REPO / "recipes/data/shakespeare"
+DATA = gpt2_data(REPO / "recipes/data/shakespeare")  # or synthetic GPT-2-vocab tokens
 
 
 # ---- the plain-PyTorch reference: a minimal GPT-2 with gpt3d's parameter names ----------
@@ -161,6 +161,7 @@ def bench_size(size: str, args, extras: bool, peaks: dict) -> list[dict]:
             "gpt3d+bf16+compile": ("--training.dtype=bfloat16", "--training.compile=true"),
         })  # fmt: skip
     steps, first = {}, {}
+    torch._dynamo.reset()  # a fresh compile per size (a second shape would turn dynamic)
     for name, extra in variants.items():
         if extra is None:
             continue
@@ -196,6 +197,7 @@ def bench_size(size: str, args, extras: bool, peaks: dict) -> list[dict]:
             "vs_plain": median(ratios[n]), "vs_gpt3d": median(vs_gpt3d),
             "mfu_measured": fpt * tokens / t / peaks[dtype], "first_step_s": first.get(n),
             "loss_diff_vs_plain": diff if n == "gpt3d" else None,
+            "round_step_ms": [round(1e3 * x, 2) for x in times[n]],
         }  # fmt: skip
         if torch.cuda.is_available():
             row["mfu_datasheet"] = fpt * tokens / t / device_peak_flops(base.env.device, 0, 0)

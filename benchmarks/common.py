@@ -187,14 +187,25 @@ LAYOUTS = {
 }
 
 
-def synthetic_data(root: Path, vocab: int) -> Path:
+def synthetic_data(root: Path, vocab: int, n_train: int = 200_000) -> Path:
     """A token dataset in prepare.py's format (small vocab keeps the lm_head from dominating)."""
     from tests.helpers import make_dataset
 
     path = root / f"data{vocab}"
     if not (path / "meta.json").exists():
-        make_dataset(path, vocab_size=vocab, n_train=200_000, n_val=4_000)
+        make_dataset(path, vocab_size=vocab, n_train=n_train, n_val=4_000)
     return path
+
+
+def gpt2_data(preferred: Path) -> Path:
+    """The prepared Shakespeare tokens if present (recipes/prepare.py; not in git), else a
+    synthetic dataset with GPT-2's vocabulary: throughput does not depend on the text."""
+    if (preferred / "train.bin").exists():
+        return preferred
+    import tempfile
+
+    print(f"note: {preferred} not prepared; using synthetic GPT-2-vocab tokens", flush=True)
+    return synthetic_data(Path(tempfile.mkdtemp(prefix="gpt3d_bench_")), 50257, 2_000_000)
 
 
 def model_args(data: Path, a) -> list[str]:
