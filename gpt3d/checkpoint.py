@@ -48,6 +48,8 @@ TMP_SUFFIX = ".tmp"
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _HEAD, _WTE = "lm_head.weight", "wte.weight"
+# One process saves/loads with no_dist=True on purpose; DCP warns about it every time.
+warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
 
 
 # ------------------------------------------------------- finding and checking (no collectives)
@@ -160,9 +162,7 @@ def load_model_state_dict(path: str | os.PathLike) -> tuple[GPTConfig, dict[str,
     path = Path(path)
     cfg = GPTConfig(**verify(path)["model"])
     sd = {k: torch.empty(shape) for k, shape in _model_shapes(cfg).items()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
     if cfg.tie_embeddings:
         sd[_HEAD] = sd[_WTE]
     return cfg, sd
