@@ -1,18 +1,10 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) that resume on any dp x pp x tp layout.
+"""Distributed checkpoints (torch.distributed.checkpoint) of a training run: save on any
+dp x pp x tp layout, resume on any other, exactly (layout on disk: gpt3d/checkpoint_dir.py).
 
-On disk, under <job.output_dir>/checkpoints/:
-
-    step-200/            complete: made visible by one atomic rename, after every rank wrote
-      .metadata          DCP index: tensor names, global shapes, which bytes hold which chunk
-      __<rank>_0.distcp  DCP tensor data, one file per writing rank
-      meta.json          step, data-loader position, config, model shape, layout, file sizes
-    step-300.tmp/        being written, or left by a crash: never resumed from
-
-Tensor names are the plain model's, whatever the layout: "model.wte.weight",
-"optim.state.h.0.attn.q_proj.weight.exp_avg" (AdamW state keyed by parameter name, so it
-reshards across layouts whose parameter groups differ), "rng.rank<r>" (per-rank RNG, restored
-only on the same world size). A tied output head is stored once, as wte.weight: a last
-pipeline stage without the embedding loads its lm_head copy from that entry.
+Every rank passes its live parameters and AdamW state, under the plain model's names, to
+DCP; rank 0 publishes the directory once all of it is on disk. A tied output head is saved
+once (as wte.weight); a last pipeline stage without the embedding loads its lm_head copy
+from that entry, a rank holding both copies copies wte into the head after loading.
 """
 
 from __future__ import annotations
@@ -20,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -37,135 +27,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from gpt3d.checkpoint_dir import (
+    FORMAT,
+    HEAD,
+    META_FILE,
+    STEP_DIR,
+    TMP_DIR,
+    TMP_SUFFIX,
+    WTE,
+    checkpoint_root,
+    verify,
+)
+from gpt3d.checkpoint_dir import resolve_resume as resolve_resume  # for recipes/train.py
 from gpt3d.config import config_to_dict
-from gpt3d.model import GPT, GPTConfig
 
-CHECKPOINT_DIR = "checkpoints"
-META_FILE = "meta.json"
-FORMAT = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-TMP_SUFFIX = ".tmp"
-_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-_HEAD, _WTE = "lm_head.weight", "wte.weight"
-# One process saves/loads with no_dist=True on purpose; DCP warns about it every time.
-warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-
-
-# ------------------------------------------------------- finding and checking (no collectives)
-
-
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIR
-
-
-def latest_complete(root: str | os.PathLike) -> Path | None:
-    """The newest published step-N directory (half-written .tmp directories never count)."""
-    root = Path(root)
-    found = [(int(m[1]), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name))]
-    found = [(n, p) for n, p in found if (p / META_FILE).is_file()]
-    return max(found)[1] if found else None
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    """meta.json of a complete checkpoint; ValueError saying what is wrong otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {path} does not exist; point checkpoint.resume at a step-N "
-                         "directory or use checkpoint.resume=auto")  # fmt: skip
-    if path.name.endswith(".tmp") or not (path / META_FILE).is_file():
-        raise ValueError(f"checkpoint {path} is incomplete (no {META_FILE}: its save never "
-                         "finished); resume from an earlier step-N directory")  # fmt: skip
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-        GPTConfig(**meta["model"])
-        int(meta["step"]), int(meta["loader"]["samples_consumed"]), dict(meta["files"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {path}: {META_FILE} is corrupt ({e!r}); "
-                         "resume from another step-N directory") from None  # fmt: skip
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
-    return meta
-
-
-def verify(path: str | os.PathLike, gpt: GPTConfig | None = None) -> dict:
-    """Read-only check before any collective: meta.json, file sizes, the DCP index and (with
-    `gpt`) that the saved model shape is this model's. Returns meta.json."""
-    path, meta = Path(path), read_meta(path)
-    for name, size in meta["files"].items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            found = f.stat().st_size if f.is_file() else "missing"
-            raise ValueError(f"checkpoint {path} is damaged: {name} has {found} bytes, {size} "
-                             "were written; resume from another step-N directory")  # fmt: skip
-    try:
-        index = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything
-        raise ValueError(f"checkpoint {path}: unreadable DCP metadata ({e!r})") from None
-    saved = GPTConfig(**meta["model"])
-    for name, shape in _model_shapes(saved).items():
-        if tuple(getattr(index.get(f"model.{name}"), "size", ())) != shape:
-            raise ValueError(f"checkpoint {path} is damaged: model.{name} {shape} not in index")
-    if gpt is not None:
-        _check_same_shape(saved, gpt, path)
-    return meta
-
-
-def _check_same_shape(saved: GPTConfig, gpt: GPTConfig, path: Path) -> None:
-    keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
-    diff = [f"{k}={getattr(saved, k)} (now {getattr(gpt, k)})" for k in keys
-            if getattr(saved, k) != getattr(gpt, k)]  # fmt: skip
-    if diff:
-        raise ValueError(f"checkpoint {path} holds a different model shape: {', '.join(diff)}; "
-                         "use the checkpoint's [model] settings (its meta.json has them) or "
-                         "start without checkpoint.resume")  # fmt: skip
-
-
-def _model_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes as stored: the plain model's, a tied lm_head only as wte."""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop(_HEAD)
-    return shapes
-
-
-def find_checkpoint(spec: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """A checkpoint path as given, or for "auto" the latest complete one under output_dir."""
-    if str(spec) != "auto":
-        return Path(spec)
-    found = latest_complete(checkpoint_root(output_dir))
-    if found is None:
-        raise ValueError(f"no complete checkpoint in {checkpoint_root(output_dir)}; give the "
-                         "run's output directory or a step-N checkpoint path")  # fmt: skip
-    return found
-
-
-def resolve_resume(cfg) -> Path | None:
-    """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start.
-    "auto": the latest complete checkpoint in job.output_dir, if any."""
-    from gpt3d.config import gpt_config
-
-    resume = cfg.checkpoint.resume
-    if not resume:
-        return None
-    path = latest_complete(checkpoint_root(cfg.job.output_dir)) if resume == "auto" else resume
-    if path is None:
-        return None
-    verify(path, gpt_config(cfg.model))
-    return Path(path)
-
-
-def load_model_state_dict(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(GPTConfig, full fp32 CPU state dict of the plain model) from a checkpoint of any
-    layout, in this process alone: only model tensors are read, never the optimizer state."""
-    path = Path(path)
-    cfg = GPTConfig(**verify(path)["model"])
-    sd = {k: torch.empty(shape) for k, shape in _model_shapes(cfg).items()}
-    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
-    if cfg.tie_embeddings:
-        sd[_HEAD] = sd[_WTE]
-    return cfg, sd
 
 
 # ---------------------------------------------------------------- preemption
@@ -229,7 +105,7 @@ class Checkpointer:
             return
         self.wait()
         t0, step = time.perf_counter(), self.trainer.step
-        tmp = self.root / f"step-{step}.tmp"
+        tmp = self.root / f"step-{step}{TMP_SUFFIX}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
             tmp.mkdir(parents=True)
@@ -274,7 +150,7 @@ class Checkpointer:
             return
         meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         _write_synced(tmp / META_FILE, json.dumps(meta, indent=1))
-        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        final = tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX))
         if final.exists():  # re-saving a step (resumed from an older checkpoint)
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -289,11 +165,11 @@ class Checkpointer:
     def _prune(self, step: int) -> None:
         """Keep the newest checkpoint.keep_last complete ones; drop stale .tmp directories."""
         steps = sorted((int(m[1]), p) for p in self.root.iterdir()
-                       if (m := _STEP_DIR.match(p.name)))  # fmt: skip
+                       if (m := STEP_DIR.match(p.name)))  # fmt: skip
         for _, p in steps[: -self.cfg.keep_last]:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.root.iterdir():
-            if (m := _TMP_DIR.match(p.name)) and int(m[1]) <= step:
+            if (m := TMP_DIR.match(p.name)) and int(m[1]) <= step:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _meta(self) -> dict:
@@ -359,7 +235,7 @@ def _merged_view(parts: list[nn.Module]) -> nn.Module:
 
 
 def _is_head(key: str) -> bool:
-    return key == _HEAD or key.startswith((f"state.{_HEAD}.", f"param_groups.{_HEAD}."))
+    return key == HEAD or key.startswith((f"state.{HEAD}.", f"param_groups.{HEAD}."))
 
 
 def _without_head(sd: dict) -> dict:
@@ -371,9 +247,9 @@ def _head_as_wte(sd: dict, tied: bool) -> dict:
     into its head copy."""
     if not tied:
         return sd
-    if any(k == _WTE or k.startswith(f"state.{_WTE}.") for k in sd):
+    if any(k == WTE or k.startswith(f"state.{WTE}.") for k in sd):
         return _without_head(sd)
-    return {k.replace(_HEAD, _WTE) if _is_head(k) else k: v for k, v in sd.items()}
+    return {k.replace(HEAD, WTE) if _is_head(k) else k: v for k, v in sd.items()}
 
 
 @torch.no_grad()
@@ -381,7 +257,7 @@ def _copy_wte_to_head(sd: dict) -> None:
     """A rank holding both copies of a tied embedding (pp=1 or a V schedule): the head copy
     takes the loaded wte values (same placements, so local shards line up)."""
     for key in [k for k in sd if _is_head(k)]:
-        src = sd.get(key.replace(_HEAD, _WTE))
+        src = sd.get(key.replace(HEAD, WTE))
         if src is not None:
             dst, src = _local(sd[key]), _local(src)
             if dst.data_ptr() != src.data_ptr():

@@ -36,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def export(argv: list[str]) -> int:
     import torch
 
-    from gpt3d.checkpoint import find_checkpoint, load_model_state_dict
+    from gpt3d.checkpoint_dir import find_checkpoint, load_model_state_dict
     from gpt3d.hf import save_hf
     from gpt3d.pretrained import describe
 

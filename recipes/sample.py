@@ -36,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def sample(argv: list[str]) -> int:
     import torch
 
-    from gpt3d.checkpoint import find_checkpoint
+    from gpt3d.checkpoint_dir import find_checkpoint
     from gpt3d.generate import generate, load_plain_model
     from gpt3d.tokenizer import EOT, get_tokenizer
 

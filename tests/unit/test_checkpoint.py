@@ -11,13 +11,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from gpt3d.checkpoint import (
-    Checkpointer,
-    latest_complete,
-    load_model_state_dict,
-    resolve_resume,
-    verify,
-)
+from gpt3d.checkpoint import Checkpointer
+from gpt3d.checkpoint_dir import latest_complete, load_model_state_dict, resolve_resume, verify
 from gpt3d.config import load_config
 from gpt3d.trainer import Trainer
 from tests.helpers import make_dataset, run_script

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from gpt3d.checkpoint import Checkpointer, load_model_state_dict
+from gpt3d.checkpoint import Checkpointer
+from gpt3d.checkpoint_dir import load_model_state_dict
 from gpt3d.config import load_config
 from gpt3d.data import ShardedLoader
 from gpt3d.generate import generate, load_plain_model

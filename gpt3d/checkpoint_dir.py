@@ -1,0 +1,153 @@
+"""A checkpoint directory on disk: its layout, finding the latest complete one, checking it
+before any collective, and reading the plain model out of it in one process.
+
+Under <job.output_dir>/checkpoints/:
+
+    step-200/            complete: made visible by one atomic rename, after every rank wrote
+      .metadata          DCP index: tensor names, global shapes, which bytes hold which chunk
+      __<rank>_0.distcp  DCP tensor data, one file per writing rank
+      meta.json          step, data-loader position, config, model shape, layout, file sizes
+    step-300.tmp/        being written, or left by a crash: never resumed from
+
+Tensor names are the plain model's, whatever the layout: "model.wte.weight",
+"optim.state.h.0.attn.q_proj.weight.exp_avg" (AdamW state keyed by parameter name, so it
+reshards across layouts whose parameter groups differ), "rng.rank<r>.cpu" (per-rank RNG,
+restored only on the same world size). A tied output head is stored once, as wte.weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from gpt3d.model import GPT, GPTConfig
+
+CHECKPOINT_DIR = "checkpoints"
+META_FILE = "meta.json"
+FORMAT = 1
+TMP_SUFFIX = ".tmp"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+HEAD, WTE = "lm_head.weight", "wte.weight"
+# One process reads/writes with no_dist=True on purpose; DCP warns about it every time.
+warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def latest_complete(root: str | os.PathLike) -> Path | None:
+    """The newest published step-N directory (half-written .tmp directories never count)."""
+    root = Path(root)
+    found = [(int(m[1]), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name))]
+    found = [(n, p) for n, p in found if (p / META_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """meta.json of a complete checkpoint; ValueError saying what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} does not exist; point checkpoint.resume at a step-N "
+                         "directory or use checkpoint.resume=auto")  # fmt: skip
+    if path.name.endswith(".tmp") or not (path / META_FILE).is_file():
+        raise ValueError(f"checkpoint {path} is incomplete (no {META_FILE}: its save never "
+                         "finished); resume from an earlier step-N directory")  # fmt: skip
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        GPTConfig(**meta["model"])
+        int(meta["step"]), int(meta["loader"]["samples_consumed"]), dict(meta["files"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {path}: {META_FILE} is corrupt ({e!r}); "
+                         "resume from another step-N directory") from None  # fmt: skip
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
+    return meta
+
+
+def verify(path: str | os.PathLike, gpt: GPTConfig | None = None) -> dict:
+    """Read-only check before any collective: meta.json, file sizes, the DCP index and (with
+    `gpt`) that the saved model shape is this model's. Returns meta.json."""
+    path, meta = Path(path), read_meta(path)
+    for name, size in meta["files"].items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            found = f.stat().st_size if f.is_file() else "missing"
+            raise ValueError(f"checkpoint {path} is damaged: {name} has {found} bytes, {size} "
+                             "were written; resume from another step-N directory")  # fmt: skip
+    try:
+        index = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything
+        raise ValueError(f"checkpoint {path}: unreadable DCP metadata ({e!r})") from None
+    saved = GPTConfig(**meta["model"])
+    for name, shape in model_shapes(saved).items():
+        if tuple(getattr(index.get(f"model.{name}"), "size", ())) != shape:
+            raise ValueError(f"checkpoint {path} is damaged: model.{name} {shape} not in index")
+    if gpt is not None:
+        _check_same_shape(saved, gpt, path)
+    return meta
+
+
+def _check_same_shape(saved: GPTConfig, gpt: GPTConfig, path: Path) -> None:
+    keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
+    diff = [f"{k}={getattr(saved, k)} (now {getattr(gpt, k)})" for k in keys
+            if getattr(saved, k) != getattr(gpt, k)]  # fmt: skip
+    if diff:
+        raise ValueError(f"checkpoint {path} holds a different model shape: {', '.join(diff)}; "
+                         "use the checkpoint's [model] settings (its meta.json has them) or "
+                         "start without checkpoint.resume")  # fmt: skip
+
+
+def model_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes as stored: the plain model's, a tied lm_head only as wte."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop(HEAD)
+    return shapes
+
+
+def find_checkpoint(spec: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """A checkpoint path as given, or for "auto" the latest complete one under output_dir."""
+    if str(spec) != "auto":
+        return Path(spec)
+    found = latest_complete(checkpoint_root(output_dir))
+    if found is None:
+        raise ValueError(f"no complete checkpoint in {checkpoint_root(output_dir)}; give the "
+                         "run's output directory or a step-N checkpoint path")  # fmt: skip
+    return found
+
+
+def resolve_resume(cfg) -> Path | None:
+    """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start.
+    "auto": the latest complete checkpoint in job.output_dir, if any."""
+    from gpt3d.config import gpt_config
+
+    resume = cfg.checkpoint.resume
+    if not resume:
+        return None
+    path = latest_complete(checkpoint_root(cfg.job.output_dir)) if resume == "auto" else resume
+    if path is None:
+        return None
+    verify(path, gpt_config(cfg.model))
+    return Path(path)
+
+
+def load_model_state_dict(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(GPTConfig, full fp32 CPU state dict of the plain model) from a checkpoint of any
+    layout, in this process alone: only model tensors are read, never the optimizer state."""
+    path = Path(path)
+    cfg = GPTConfig(**verify(path)["model"])
+    sd = {k: torch.empty(shape) for k, shape in model_shapes(cfg).items()}
+    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    if cfg.tie_embeddings:
+        sd[HEAD] = sd[WTE]
+    return cfg, sd
