@@ -7,7 +7,8 @@ several scenarios per launch, so the launch cost is paid 5 times in all):
 - torchrun --max-restarts=2 with a rank SIGKILLed half-way through writing a checkpoint, then
   a rank SIGKILLed mid-training: each restart resumes from the latest complete checkpoint and
   the run ends with the uninterrupted run's losses, bitwise;
-- SIGTERM on one rank: every rank saves the same step and the job exits 0;
+- SIGTERM on one rank: every rank saves the same step and the job exits 0; SIGTERM to
+  torchrun (cluster preemption): the workers save and exit cleanly;
 - Hugging Face GPT-2 (transformers' save_pretrained) -> init_from on (1, 2, 2) and (2, 1, 1)
   gives HF's logits; fine-tuned on (1, 2, 2) -> recipes/export.py -> from_pretrained gives
   gpt3d's logits.
@@ -18,12 +19,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, make_dataset, read_jsonl, run_script
+from gpt3d.checkpoint_dir import verify
+from tests.helpers import REPO, TORCHRUN, env, make_dataset, read_jsonl, run_script
 
 WORKER = "tests/distributed/checkpoint_worker.py"
 STEPS, SAVE_AT, G = 8, 4, 16
@@ -250,3 +255,27 @@ def load_recipe(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, name)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_torchrun_saves_and_workers_exit_cleanly(tmp_path):
+    """Cluster preemption: torchrun gets SIGTERM and forwards it; the workers finish the
+    step they are in, save it, and exit 0 (torchrun itself still reports the signal)."""
+    data = make_dataset(tmp_path / "data")
+    args = [*BASE, f"--data.dataset={data}", f"--job.output_dir={tmp_path / 'run'}",
+            "--training.steps=100000", *layout(1, 2, 1)]  # fmt: skip
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "recipes/train.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    last = max(losses(tmp_path / "run"))
+    assert f"saving step {last} and stopping" in out and f"done: {last} steps" in out, out[-3000:]
+    assert "exitcode" not in out  # no worker failed: only torchrun's own SignalException
+    ckpts = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert ckpts == [f"step-{last}"]
+    verify(tmp_path / "run" / "checkpoints" / f"step-{last}")
