@@ -27,7 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="step-N checkpoint directory, or auto")
-    p.add_argument("--output_dir", default="out/shakespeare", help="the run's dir, for auto")
+    p.add_argument(
+        "--output_dir", "--output-dir", default="out/shakespeare", help="the run's dir, for auto"
+    )
     p.add_argument("--out", required=True, type=Path, help="directory to write")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype on disk")
     return p.parse_args(argv)

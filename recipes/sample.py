@@ -23,12 +23,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     where = "step-N checkpoint, HF directory or .safetensors file, or auto"
     p.add_argument("--checkpoint", required=True, help=where)
-    p.add_argument("--output_dir", default="out/shakespeare", help="the run's dir, for auto")
+    p.add_argument(
+        "--output_dir", "--output-dir", default="out/shakespeare", help="the run's dir, for auto"
+    )
     p.add_argument("--prompt", default="\n", help='start text (e.g. "ROMEO:")')
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="0 = no top-k filter")
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--top_k", "--top-k", type=int, default=200, help="0 = no top-k filter")
+    p.add_argument("--num_samples", "--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
 
