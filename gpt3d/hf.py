@@ -41,6 +41,7 @@ _LN = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")
 def hf_config_dict(cfg: GPTConfig) -> dict:
     """config.json for transformers' GPT2LMHeadModel describing `cfg` (real vocab, no padding)."""
     _check_representable(cfg)
+    eos = GPT2_EOS if cfg.vocab_size > GPT2_EOS else None  # not in a smaller (custom) vocab
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -61,8 +62,8 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": GPT2_EOS,
-        "eos_token_id": GPT2_EOS,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
         "use_cache": True,
     }
 
