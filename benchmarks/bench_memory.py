@@ -153,7 +153,7 @@ def main() -> None:
         "the 1-process peak",
         f"largest overshoot: {worst['layout']} at {worst['vs_theory']:.3f} x theory",
     ]
-    config = {"model": vars(a), "layouts": names}
+    config = {"args": {k: v for k, v in vars(a).items() if k != "out"}}
     write_results(a.name, "bench_memory: per-rank bytes vs the 1/(tp·pp·dp_shard) theory", info,
                   config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
     plot(rows, Path(a.out) / f"{a.name}.png")

@@ -147,7 +147,7 @@ def main() -> None:
         "shared 2-core machine: other engineers' jobs can steal a core "
         "from one stage, which shows up as bubble",
     ]
-    config = {"model": vars(a), "pp": pp}
+    config = {"args": {k: v for k, v in vars(a).items() if k != "out"}, "pp": pp}
     write_results("bench_pipeline", "bench_pipeline: measured pipeline efficiency vs theory",
                   info, config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
     plot(rows, pp, Path(a.out) / "bench_pipeline.png")

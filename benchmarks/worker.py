@@ -52,8 +52,11 @@ class SavedActivations:
     def pack(self, t: torch.Tensor):
         if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
             return t  # a weight or a view of one (addmm saves weight.t())
-        storage = local(t).untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
+        try:
+            storage = local(t).untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass, e.g. an async
+            key, size = id(t), t.numel() * t.element_size()  # collective's result
         if size == 0 or key in self.params:  # shares a parameter's storage
             return t
         entry = self.live.setdefault(key, [0, size])
