@@ -137,7 +137,12 @@ def resolve_resume(cfg) -> Path | None:
     path = latest_complete(checkpoint_root(cfg.job.output_dir)) if resume == "auto" else resume
     if path is None:
         return None
-    verify(path, gpt_config(cfg.model))
+    loader = verify(path, gpt_config(cfg.model))["loader"]
+    for key, now in (("seed", cfg.job.seed), ("seq_len", cfg.training.seq_len)):
+        if loader[key] != now:  # the sample order depends on both
+            raise ValueError(f"checkpoint {path} was trained with {key}={loader[key]}, this run "
+                             f"has {now}; resuming would change the data order: use the same "
+                             f"value (job.seed / training.seq_len)")  # fmt: skip
     return Path(path)
 
 

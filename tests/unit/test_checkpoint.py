@@ -161,6 +161,9 @@ def test_other_model_shape_or_missing_path_is_a_clear_error(saved, data, tmp_pat
     cfg = load_config([*SMALL, "--model.n_layer=3", f"--checkpoint.resume={path}"])
     with pytest.raises(ValueError, match=r"different model shape: n_layer=2 \(now 3\)"):
         resolve_resume(cfg)
+    cfg = load_config([*SMALL, "--job.seed=7", f"--checkpoint.resume={path}"])
+    with pytest.raises(ValueError, match="trained with seed=1337, this run has 7"):
+        resolve_resume(cfg)
     cfg = load_config([*SMALL, f"--checkpoint.resume={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="does not exist"):
         resolve_resume(cfg)
