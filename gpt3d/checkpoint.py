@@ -129,6 +129,11 @@ class Checkpointer:
             self.save()
         self.wait()
 
+    def latest_path(self) -> Path | None:
+        """The newest published checkpoint of this run (None if it saved nothing)."""
+        path = self.root / f"step-{self.last_saved}"
+        return path if self.last_saved >= 0 and path.is_dir() else None
+
     def wait(self) -> None:
         """Block until an async save has been written and published."""
         if self.pending is not None:

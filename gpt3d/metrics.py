@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +97,50 @@ def _tensorboard_writer(log_dir: Path):
             "pip install 'gpt3d[tensorboard]' (or set metrics.tensorboard = false)"
         ) from e
     return SummaryWriter(log_dir=str(log_dir))
+
+
+class ProgressMeter:
+    """Times training between log lines; turns each logged step into one metrics record
+    (metrics.jsonl / TensorBoard) and one log line with tokens/s, MFU, memory and ETA."""
+
+    def __init__(self, trainer, log, writer: MetricsWriter):
+        cfg, env = trainer.cfg, trainer.env
+        m = cfg.metrics
+        self.log, self.writer, self.env = log, writer, env
+        self.interval, self.total = cfg.training.log_interval, cfg.training.steps
+        self.tokens = trainer.tokens_per_step()
+        self.flops = flops_per_token(trainer.gpt, cfg.training.seq_len) * self.tokens
+        self.peak = device_peak_flops(env.device, m.peak_tflops, m.cpu_peak_tflops) * env.world_size
+        self.tick = time.perf_counter()
+
+    def step(self, step: int, stats) -> None:
+        if step % self.interval and step != self.total:
+            return
+        now = time.perf_counter()
+        dt = (now - self.tick) / ((step - 1) % self.interval + 1)  # seconds per step
+        self.tick = now
+        r = {
+            "step": step,
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens_per_sec": self.tokens / dt,
+            "step_time_s": dt,
+            "mfu": self.flops / dt / self.peak,
+            "memory_gib": peak_memory_gib(self.env.device),
+        }
+        self.log(
+            f"step {step:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | "
+            f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_gib']:.2f} GiB | "
+            f"eta {(self.total - step) * dt:.0f}s"
+        )
+        self.writer.write(r)
+
+    def eval(self, step: int, val_loss: float) -> None:
+        self.log(f"step {step:5d} | val_loss {val_loss:.4f}")
+        self.writer.write({"step": step, "val_loss": val_loss})
+        self.tick = time.perf_counter()  # evaluation time is not training time
 
 
 def read_metrics(path: str | Path) -> list[dict]:
