@@ -103,6 +103,7 @@ class Checkpointer:
         """Write step-N.tmp/ on every rank, then rank 0 publishes it as step-N/ (once per step)."""
         if self.trainer.step == self.last_saved:
             return
+        self.trainer.check_finite_params()  # never replace a good checkpoint by a NaN state
         self.wait()
         t0, step = time.perf_counter(), self.trainer.step
         tmp = self.root / f"step-{step}{TMP_SUFFIX}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +124,17 @@ class Trainer:
         self.step += 1
         return StepStats(loss_value, norm, lr)
 
+    def check_finite_params(self) -> None:
+        """Raise TrainingDiverged if any parameter on any rank is NaN/Inf."""
+        ok = torch.stack([_local(p).isfinite().all() for p in self.params]).all().float()
+        if self.mesh is not None:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() < 1:
+            raise TrainingDiverged(
+                f"parameters became NaN/Inf after step {self.step}; lower training.lr "
+                f"(now {self.cfg.training.lr}); the last checkpoint was kept"
+            )
+
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One microbatch (or one pipeline schedule run); returns its share of the loss."""
         with self._autocast(), loss_parallel_context(self.loss_parallel):
@@ -214,5 +224,5 @@ class Trainer:
         return self.cfg.training.global_batch_size * self.cfg.training.seq_len
 
 
-def wall() -> float:
-    return time.perf_counter()
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -220,3 +220,50 @@ def test_python_entry_point_exit_codes(tmp_path, data):
         timeout=60,
     )
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+
+
+@pytest.mark.timeout(240)
+def test_nan_keeps_the_last_good_checkpoint(tmp_path, data):
+    """A resumed run blown up by an absurd lr stops with exit code 3; the checkpoints
+    written before are byte-identical afterwards and still resume."""
+    out = tmp_path / "out"
+    common = [
+        "--config",
+        "recipes/configs/debug.toml",
+        *SMALL,
+        f"--data.dataset={data}",
+        f"--job.output_dir={out}",
+        "--checkpoint.keep_last=10",
+    ]
+    good = run_script(TRAIN, [*common, "--training.steps=4", "--checkpoint.interval=2"], nproc=2)
+    assert good.returncode == 0, good.stderr[-3000:]
+    before = snapshot(out / "checkpoints")
+    assert {p.parent.name for p in before} == {"step-2", "step-4"}
+    blown = run_script(
+        TRAIN,
+        [
+            *common,
+            "--training.steps=30",
+            "--checkpoint.interval=1",
+            "--checkpoint.resume=auto",
+            "--training.lr=1e6",
+            "--training.warmup_steps=0",
+            "--training.grad_clip=0",
+        ],
+        nproc=2,
+    )
+    assert blown.returncode != 0 and "exitcode  : 3" in blown.stderr, blown.stderr[-3000:]
+    assert "resumed from" in blown.stdout and "step" in blown.stderr
+    after = snapshot(out / "checkpoints")
+    assert all(after.get(p) == b for p, b in before.items())
+    again = run_script(
+        TRAIN,
+        [
+            *common,
+            "--training.steps=6",
+            f"--checkpoint.resume={out / 'checkpoints' / 'step-4'}",
+            f"--job.output_dir={tmp_path / 'again'}",
+        ],
+        nproc=2,
+    )
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
