@@ -207,6 +207,30 @@ def bench_size(size: str, args, extras: bool, peaks: dict) -> list[dict]:
     return rows
 
 
+ADAMW_COLS = [("size", "size", "s"), ("variant", "optimizer", "s"), ("step_ms", "ms", ".1f"),
+              ("vs_foreach", "× foreach", ".2f")]  # fmt: skip
+
+
+def bench_adamw(size: str, repeats: int = 5) -> list[dict]:
+    """The optimizer step alone on the model's parameters: foreach vs fused AdamW, alternated."""
+    L, H, C = SIZES[size]
+    params = list(PlainGPT(GPTConfig(n_layer=L, n_head=H, n_embd=C)).parameters())
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opts = {k: torch.optim.AdamW(params, lr=1e-4, **{k: True}) for k in ("foreach", "fused")}
+    best = {k: float("inf") for k in opts}
+    for _ in range(repeats):
+        for k, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    rows = [{"size": size, "variant": f"AdamW step only, {k}", "step_ms": 1e3 * t,
+             "vs_foreach": best["foreach"] / t} for k, t in best.items()]  # fmt: skip
+    print(f"  AdamW on {size}: foreach {1e3 * best['foreach']:.0f} ms, fused "
+          f"{1e3 * best['fused']:.0f} ms", flush=True)  # fmt: skip
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     if plt is None:
@@ -255,6 +279,7 @@ def main() -> None:
     extras = set(args.extras_sizes.split(","))
     for size in args.sizes.split(","):
         rows += bench_size(size, args, size in extras, peaks)
+    adamw = bench_adamw(args.sizes.split(",")[-1])
     cols = [
         ("size", "size", "s"),
         ("variant", "variant", "s"),
@@ -279,13 +304,16 @@ def main() -> None:
         + ", ".join(f"{r['size']} {r['loss_diff_vs_plain']:.1e}" for r in gpt3d_rows),
         "first step s includes building the Trainer and, for compile, the cold inductor compile",
         "datasheet peaks (GPU only) come from gpt3d.metrics.PEAK_TFLOPS",
+        "AdamW rows: the optimizer step alone on that model's parameters (best of 5, "
+        "alternated); gpt3d uses fused AdamW wherever the device has it (gpt3d/optim.py)",
     ]
     config = {
         k: getattr(args, k)
         for k in ("sizes", "extras_sizes", "batch", "seq", "rounds", "seconds", "threads")
     }
     title = "bench_step: gpt3d step vs a plain PyTorch loop (1 process)"
-    write_results("bench_step", title, machine(), config, rows, table(rows, cols), notes, out)
+    md = table(rows, cols) + "\n\n" + table(adamw, ADAMW_COLS)
+    write_results("bench_step", title, machine(), config, rows + adamw, md, notes, out)
     plot(rows, out / "bench_step.png")
 
 

@@ -42,7 +42,7 @@ EXACT = {
     "tp2_sp_ac_full": (2, [f"{TP}=2", SP, AC_FULL]),
     "fsdp2_ac_full": (2, [AC_FULL]),
     "pp2_1f1b_ac_selective": (2, [*pp(2, "1F1B", 4), *AC_SEL]),
-    "dp2_pp2_tp2_ac_full": (4, [f"{TP}=2", *pp(2, "1F1B", 4), AC_FULL]),
+    "pp2_tp2_ac_full": (4, [f"{TP}=2", *pp(2, "1F1B", 4), AC_FULL]),
     "fsdp2_pp2_ac_selective": (4, [*pp(2, "Interleaved1F1B", 4, 2), *AC_SEL]),
     # one compile launch (cold inductor compile costs ~15 s per process on CPU)
     "compile_fsdp2": (-2, [COMPILE]),
