@@ -1,10 +1,10 @@
 """Pipeline efficiency, measured vs theory, for each schedule and microbatch count (pp=2).
 
-Each rank first measures its stages' bubble-free work: forward+backward of one microbatch
-through its stage modules with no communication. The pipeline step should then
-take m x that; efficiency = m x work / measured time of the schedule (the forward/backward
-part of train_step). Both are best-of (work is measured twice after every timed step):
-extra load on the shared machine only adds time, the bubble is in every step.
+Each rank measures its stages' bubble-free work: forward+backward of one microbatch through
+its stage modules with no communication (twice after every timed step). A pipeline step
+should take m x that; efficiency = m x work / measured time of the schedule (the
+forward/backward part of train_step). Both are best-of: extra load on the shared machine
+only adds time, while the bubble is in every step.
 
 Theory for p stages per pipeline and v virtual stages per rank:
 GPipe / 1F1B  m / (m + p - 1);   interleaved (v chunks)  m / (m + (p - 1) / v);
