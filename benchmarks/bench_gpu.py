@@ -10,13 +10,21 @@ including the cold compile.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import REPO, gpt2_data, machine, matmul_peak_flops, median, table, write_results
+from common import (
+    REPO,
+    arg_parser,
+    gpt2_data,
+    machine,
+    matmul_peak_flops,
+    median,
+    table,
+    write_results,
+)
 
 from gpt3d.config import load_config
 from gpt3d.metrics import device_peak_flops, flops_per_token, peak_memory_gib
@@ -36,9 +44,7 @@ def build(a, compile_: bool) -> Trainer:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = arg_parser(__doc__)
     p.add_argument("--out", default=str(REPO / "benchmarks/results"))
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--seq", type=int, default=1024)

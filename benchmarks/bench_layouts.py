@@ -12,7 +12,6 @@ processes share the same 2 cores (oversubscribed): those rows measure overheads
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -20,11 +19,13 @@ from common import (
     LAYOUTS,
     REPO,
     add_model_flags,
+    arg_parser,
     launch,
     machine,
     model_args,
     pyplot,
     run_layouts,
+    save_figure,
     synthetic_data,
     table,
     write_results,
@@ -63,15 +64,11 @@ def plot(rows: list[dict], path: Path) -> None:
     a2.set_xlabel("max per-rank memory relative to 1 process")
     a1.invert_yaxis()
     fig.suptitle("bench_layouts (2-core CPU; ≥4 processes are oversubscribed)")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = arg_parser(__doc__)
     add_model_flags(p)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names")
     p.add_argument("--warmup", type=int, default=2)

@@ -14,7 +14,6 @@ excluded), not with process RSS, which on a CPU also counts libraries and the al
 
 from __future__ import annotations
 
-import argparse
 import re
 import tempfile
 from pathlib import Path
@@ -25,11 +24,13 @@ from common import (
     SP,
     TP2,
     add_model_flags,
+    arg_parser,
     machine,
     model_args,
     pp_args,
     pyplot,
     run_layouts,
+    save_figure,
     synthetic_data,
     table,
     write_results,
@@ -105,15 +106,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("MiB on the fullest rank")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("bench_memory: per-rank bytes by layout")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = arg_parser(__doc__)
     add_model_flags(p, n_layer=8)
     p.add_argument("--layouts", default=",".join(MEMORY_LAYOUTS))
     p.add_argument("--name", default="bench_memory", help="results file name")

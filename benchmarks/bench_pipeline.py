@@ -19,18 +19,19 @@ pp=2 uses both cores (one process each); larger p would oversubscribe this machi
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 from common import (
     REPO,
     add_model_flags,
+    arg_parser,
     launch,
     machine,
     model_args,
     pp_args,
     pyplot,
+    save_figure,
     synthetic_data,
     table,
     write_results,
@@ -98,15 +99,11 @@ def plot(rows: list[dict], p: int, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"bench_pipeline: p={p}, measured on a 2-core CPU")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = arg_parser(__doc__)
     add_model_flags(p, n_layer=8)
     p.add_argument("--mb", type=int, default=2, help="sequences per microbatch")
     p.add_argument("--microbatches", default="2,4,8,16")

@@ -12,7 +12,6 @@ matmul peak (same dtype, same thread count), plus the datasheet peak on a GPU.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -23,7 +22,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import REPO, gpt2_data, machine, matmul_peak_flops, median, pyplot, table, write_results
+from common import (
+    REPO,
+    arg_parser,
+    gpt2_data,
+    machine,
+    matmul_peak_flops,
+    median,
+    pyplot,
+    save_figure,
+    table,
+    write_results,
+)
 
 from gpt3d.config import load_config
 from gpt3d.metrics import device_peak_flops, flops_per_token
@@ -251,15 +261,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("throughput / plain PyTorch loop")
     ax.set_title("bench_step: one process, same run, alternated")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = arg_parser(__doc__)
     p.add_argument("--sizes", default="tiny,mini,small,gpt2")
     p.add_argument("--extras-sizes", default="mini,gpt2", help="sizes that also run compile/bf16")
     p.add_argument("--batch", type=int, default=4)

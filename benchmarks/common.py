@@ -8,6 +8,7 @@ run (alternated, best-of-N) and reports ratios next to absolute numbers.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -152,6 +153,18 @@ def pyplot():
         print("note: no plot (pip install 'gpt3d[plot]')")
         return None
     return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def median(xs: list[float]) -> float:

@@ -13,6 +13,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
+# A 2-layer, 32-wide model on a 512-token synthetic vocabulary: fast enough to launch often.
+SMALL_MODEL = [
+    "--model.preset=tiny",
+    "--model.n_layer=2",
+    "--model.n_head=2",
+    "--model.n_embd=32",
+    "--model.block_size=32",
+    "--model.vocab_size=512",
+    "--training.seq_len=16",
+    "--training.global_batch_size=8",
+    "--training.eval_interval=0",
+]
+
 
 def make_dataset(path: Path, vocab_size: int = 512, n_train: int = 20_000, n_val: int = 4_000):
     """A learnable synthetic corpus (noisy arithmetic sequence) in prepare.py's format."""

@@ -12,22 +12,10 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, TORCHRUN, env, make_dataset, read_jsonl, run_script
+from tests.helpers import REPO, SMALL_MODEL, TORCHRUN, env, make_dataset, read_jsonl, run_script
 
 TRAIN = "recipes/train.py"
-SMALL = [
-    "--model.preset=tiny",
-    "--model.n_layer=2",
-    "--model.n_head=2",
-    "--model.n_embd=32",
-    "--model.block_size=32",
-    "--model.vocab_size=512",
-    "--training.seq_len=16",
-    "--training.global_batch_size=8",
-    "--training.eval_interval=0",
-    "--training.log_interval=1",
-    "--metrics.plot=false",
-]
+SMALL = [*SMALL_MODEL, "--training.log_interval=1", "--metrics.plot=false"]
 
 
 @pytest.fixture(scope="module")

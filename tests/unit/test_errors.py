@@ -10,19 +10,9 @@ import pytest
 
 from gpt3d.config import ConfigError, load_config
 from gpt3d.trainer import Trainer, TrainingDiverged, preflight
-from tests.helpers import make_dataset
+from tests.helpers import SMALL_MODEL, make_dataset
 
-SMALL = [
-    "--model.preset=tiny",
-    "--model.n_layer=2",
-    "--model.n_head=2",
-    "--model.n_embd=32",
-    "--model.block_size=32",
-    "--model.vocab_size=512",
-    "--training.seq_len=16",
-    "--training.global_batch_size=8",
-    "--training.eval_interval=0",
-]
+SMALL = [*SMALL_MODEL]
 
 
 @pytest.fixture(scope="module")
