@@ -1,7 +1,7 @@
 """Export a gpt3d DCP checkpoint (saved on any layout) to a Hugging Face GPT-2 directory:
 model.safetensors + config.json, loadable by transformers.GPT2LMHeadModel.from_pretrained.
 
-    python recipes/export.py --checkpoint out/shakespeare/checkpoints/step-200 --out out/hf
+    python recipes/export.py --checkpoint out/shakespeare/checkpoints/step-120 --out out/hf
     python recipes/export.py --checkpoint auto --output_dir out/shakespeare --out out/hf
 
 One process, offline, no process group: only the model tensors are read (never the optimizer

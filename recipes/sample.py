@@ -1,7 +1,7 @@
 """Generate text from a trained gpt3d model: a DCP checkpoint (any layout) or a Hugging Face
 GPT-2 export, in one process on the plain model.
 
-    python recipes/sample.py --checkpoint out/shakespeare/checkpoints/step-200 --prompt "ROMEO:"
+    python recipes/sample.py --checkpoint out/shakespeare/checkpoints/step-120 --prompt "ROMEO:"
     python recipes/sample.py --checkpoint auto --output_dir out/shakespeare   # latest checkpoint
     python recipes/sample.py --checkpoint out/shakespeare/hf --temperature 0   # HF export, greedy
 """
