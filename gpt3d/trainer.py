@@ -22,6 +22,7 @@ from gpt3d.parallel.utils import (
     clip_grads_,
     dist_env,
     init_process_group,
+    local_tensor,
     sync_tied_embedding_grads,
 )
 
@@ -126,7 +127,7 @@ class Trainer:
 
     def check_finite_params(self) -> None:
         """Raise TrainingDiverged if any parameter on any rank is NaN/Inf."""
-        ok = torch.stack([_local(p).isfinite().all() for p in self.params]).all().float()
+        ok = torch.stack([local_tensor(p).isfinite().all() for p in self.params]).all().float()
         if self.mesh is not None:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1:
@@ -222,7 +223,3 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------
     def tokens_per_step(self) -> int:
         return self.cfg.training.global_batch_size * self.cfg.training.seq_len
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t

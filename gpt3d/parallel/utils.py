@@ -136,11 +136,11 @@ def sync_tied_embedding_grads(wte: Tensor | None, lm_head: Tensor | None, peer: 
         if param is not None:
             _match_param_placements(param)
     if wte is not None and lm_head is not None:
-        total = _local(wte.grad) + _local(lm_head.grad)
-        _local(wte.grad).copy_(total)
-        _local(lm_head.grad).copy_(total)
+        total = local_tensor(wte.grad) + local_tensor(lm_head.grad)
+        local_tensor(wte.grad).copy_(total)
+        local_tensor(lm_head.grad).copy_(total)
         return
-    mine = _local((wte if wte is not None else lm_head).grad)
+    mine = local_tensor((wte if wte is not None else lm_head).grad)
     theirs = torch.empty_like(mine)
     ops = [
         dist.P2POp(dist.isend, mine, group=pp_group, group_peer=peer),
@@ -159,5 +159,6 @@ def _match_param_placements(param: Tensor) -> None:
         param.grad = grad.redistribute(param.device_mesh, param.placements)
 
 
-def _local(t: Tensor) -> Tensor:
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's piece of a DTensor (a plain tensor is its own piece)."""
     return t.to_local() if hasattr(t, "to_local") else t
