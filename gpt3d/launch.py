@@ -95,7 +95,7 @@ def guarded_main(fn, argv: list[str]) -> None:
         code = e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         code = 130
-    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+    except BaseException as e:  # noqa: BLE001 - incl. DCP CheckpointException (BaseException)
         code = report_error(e)
     if code != 0:  # never wait on peers that may be gone: torchrun ends the rest
         sys.stdout.flush()
