@@ -65,7 +65,9 @@ class StopOnSignal:
         """True on every rank once any rank got a signal (ranks may get it a step apart)."""
         if not dist.is_initialized():
             return bool(self.received)
-        flag = torch.tensor([int(bool(self.received))])
+        # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(bool(self.received))], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
