@@ -44,14 +44,15 @@ def preflight(cfg: Config, world_size: int):
     gpt = gpt_config(cfg.model)
     dims = resolve_dims(cfg.parallel, world_size)
     validate_layout(dims, gpt, cfg.training, cfg.parallel)
-    plan_path = None
+    rules = None
     if dims.tp > 1:
         plan_path = resolve_plan_path(cfg)
+        rules = load_plan(plan_path)
         with torch.device("meta"):
             names = [n for n, _ in GPT(gpt).named_modules() if n]
-        check_plan_matches(load_plan(plan_path), names, plan_path)
+        check_plan_matches(rules, names, plan_path)
     validate_dataset(cfg.data.dataset, gpt.vocab_size, cfg.training.seq_len)
-    return gpt, dims, plan_path
+    return gpt, dims, rules
 
 
 class Trainer:
@@ -59,7 +60,7 @@ class Trainer:
         """weights(name, full_shape) -> tensor overrides the GPT-2 init (e.g. HF import)."""
         self.cfg, self.env = cfg, dist_env()
         # everything checkable happens before the first collective
-        self.gpt, self.dims, self.plan_path = preflight(cfg, self.env.world_size)
+        self.gpt, self.dims, self.plan_rules = preflight(cfg, self.env.world_size)
         init_process_group(self.env, cfg.parallel.timeout_s)
         self.mesh = build_mesh(self.dims, self.env.device.type) if self.env.world_size > 1 else None
         t = cfg.training
@@ -75,7 +76,7 @@ class Trainer:
             self.env.device,
             weights,
             self.loss_fn,
-            self.plan_path,
+            self.plan_rules,
         )
         self.params = self.model.parameters()
         self.optimizer = build_optimizer(

@@ -20,7 +20,7 @@ from gpt3d.model import GPT, GPTConfig
 from gpt3d.parallel import pipeline as pp_lib
 from gpt3d.parallel.data_parallel import apply_data_parallel
 from gpt3d.parallel.dims import ParallelDims, n_microbatches
-from gpt3d.parallel.plan import check_plan_matches, load_plan, plan_for
+from gpt3d.parallel.plan import plan_for
 
 
 @dataclass
@@ -63,20 +63,21 @@ def parallelize(
     device: torch.device,
     weights: Callable[[str, torch.Size], torch.Tensor],
     loss_fn=None,
-    plan_path: str | None = None,
+    rules: list | None = None,
 ) -> ModelParts:
     """Build this rank's model chunks in the one composition order.
 
     weights(name, full_shape) -> full fp32 CPU tensor of that parameter (init or checkpoint);
-    each rank copies out only its own shard."""
+    each rank copies out only its own shard. rules: the validated tensor-parallel plan
+    (gpt3d.parallel.plan.load_plan + check_plan_matches), needed when tp > 1."""
     stage_ids, layers = _stage_layout(cfg, parallel, dims, mesh)
     n_stages = len(layers)
-    rules = _load_rules(cfg, plan_path) if dims.tp > 1 else None
+    assert dims.tp == 1 or rules is not None, "tp > 1 needs a tensor-parallel plan"
     param_dtype = torch.bfloat16 if training.dtype == "bfloat16" else None
     parts = []
     for s in stage_ids:
         model = pp_lib.build_stage_module(cfg, s, n_stages, layers[s])
-        if rules is not None:
+        if dims.tp > 1:
             apply_tensor_parallel(model, mesh["tp"], rules, parallel.loss_parallel)
         apply_activation_checkpointing(model, training.activation_checkpointing, training.ac_every)
         if training.compile:
@@ -84,7 +85,7 @@ def parallelize(
                 block.compile()
         if mesh is not None:
             apply_data_parallel(model, mesh, dims, parallel.dp_mode, param_dtype, dims.pp > 1)
-        materialize(model, device, mesh["tp"] if rules is not None else None, parallel)
+        materialize(model, device, mesh["tp"] if dims.tp > 1 else None, parallel)
         load_weights(model, weights)
         parts.append(model)
     mp = ModelParts(parts, stage_ids, n_stages)
@@ -106,14 +107,6 @@ def _stage_layout(cfg: GPTConfig, parallel, dims: ParallelDims, mesh):
     layers = pp_lib.layer_split(cfg.n_layer, dims.pp * v, parallel.pp_layer_split)
     pp_rank = mesh["pp"].get_local_rank()
     return pp_lib.stages_of_rank(pp_rank, dims.pp, v, parallel.pp_schedule), layers
-
-
-def _load_rules(cfg: GPTConfig, plan_path: str):
-    rules = load_plan(plan_path)
-    with torch.device("meta"):
-        names = [n for n, _ in GPT(cfg).named_modules() if n]
-    check_plan_matches(rules, names, plan_path)
-    return rules
 
 
 def apply_tensor_parallel(model: GPT, tp_mesh, rules, loss_parallel: bool) -> None:
