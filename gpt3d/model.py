@@ -8,6 +8,10 @@ Hugging Face mapping (gpt3d/hf.py):
     h.{i}.ln_2.{weight,bias}, h.{i}.mlp.{c_fc,c_proj}.{weight,bias},
     ln_f.{weight,bias}, lm_head.weight   (tied to wte.weight unless tie_embeddings=False)
 
+A Mixture-of-Experts block (n_experts > 0, see GPTConfig.is_moe_layer) has h.{i}.moe in place
+of h.{i}.mlp: h.{i}.moe.router.weight, h.{i}.moe.experts.{w1,w2} and the persistent buffer
+h.{i}.moe.expert_bias (gpt3d/moe.py).
+
 Blocks live in a ModuleDict keyed "0".."n_layer-1"; a pipeline stage deletes the blocks it
 does not own and sets wte/wpe/drop or ln_f/lm_head to None, and forward() still works.
 """
@@ -21,6 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gpt3d.moe import IMPLS, MoE
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -37,6 +43,23 @@ class GPTConfig:
     bias: bool = True
     tie_embeddings: bool = True
     ln_eps: float = 1e-5
+    # Mixture of Experts (gpt3d/moe.py). n_experts = 0: every block has the dense MLP.
+    n_experts: int = 0  # routed experts per MoE block
+    moe_top_k: int = 2  # experts each token is sent to (dropless: always all k)
+    moe_every: int = 1  # block i is MoE iff i % moe_every == moe_every - 1 (1: every block)
+    moe_hidden: int = 0  # expert hidden width; 0: 4 * n_embd // moe_top_k (dense MLP's FLOPs)
+    moe_aux_coef: float = 0.0  # sequence-wise balance loss coefficient (DeepSeek-V3 alpha); 0 off
+    moe_bias_rate: float = 0.0  # aux-loss-free balancing bias step (DeepSeek-V3 gamma); 0 off
+    moe_impl: str = "auto"  # expert matmuls: "grouped_mm", "loop", or "auto" (grouped if supported)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Block i holds a MoE: the last block of every group of moe_every (moe_every=2:
+        blocks 1, 3, 5, ...; the first block stays dense)."""
+        return self.n_experts > 0 and i % self.moe_every == self.moe_every - 1
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden or 4 * self.n_embd // self.moe_top_k
 
     @property
     def padded_vocab_size(self) -> int:
@@ -48,6 +71,8 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+_MOE = dict(n_experts=8, moe_top_k=2, moe_aux_coef=1e-4, moe_bias_rate=1e-3)
+
 PRESETS: dict[str, GPTConfig] = {
     # OpenAI's GPT-2 family (vocab 50257, context 1024).
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
@@ -57,6 +82,9 @@ PRESETS: dict[str, GPTConfig] = {
     # Small shapes for CPU runs and tests (GPT-2 tokenizer, so vocab stays 50257).
     "mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128),
+    # Mixture of Experts, 8 experts top-2 in every block, DeepSeek-V3 balancing settings.
+    "moe-mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, **_MOE),
+    "gpt2-moe": GPTConfig(n_layer=12, n_head=12, n_embd=768, **_MOE),
 }
 
 
@@ -66,12 +94,27 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def count_params_formula(cfg: GPTConfig) -> int:
-    """Parameter count from the shape alone (used to check the module tree)."""
+def describe(cfg: GPTConfig) -> str:
+    """One line for logs: 'n layers, n heads, n_embd C, block_size T, vocab V (tied ...)'."""
+    tied = "tied" if cfg.tie_embeddings else "untied"
+    moe = f", {cfg.n_experts} experts top-{cfg.moe_top_k}" if cfg.n_experts else ""
+    return (
+        f"{cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, block_size "
+        f"{cfg.block_size}, vocab {cfg.vocab_size} ({tied} embeddings){moe}"
+    )
+
+
+def count_params_formula(cfg: GPTConfig, active: bool = False) -> int:
+    """Parameter count from the shape alone (used to check the module tree). active=True:
+    the parameters one token uses (a MoE block's router and top-k experts only)."""
     C, V, b = cfg.n_embd, cfg.padded_vocab_size, int(cfg.bias)
-    block = 2 * C + 4 * (C * C + b * C) + 2 * C + (4 * C * C + b * 4 * C) + (4 * C * C + b * C)
+    ln_attn = (2 * C + 2 * b * C) + 4 * (C * C + b * C)  # two LayerNorms, q/k/v/c_proj
+    mlp = (4 * C * C + b * 4 * C) + (4 * C * C + b * C)
+    E, k = cfg.n_experts, cfg.moe_top_k
+    moe = E * C + (k if active else E) * 2 * C * cfg.expert_hidden  # router, w1 + w2
+    blocks = sum(ln_attn + (moe if cfg.is_moe_layer(i) else mlp) for i in range(cfg.n_layer))
     head = 0 if cfg.tie_embeddings else V * C
-    return V * C + cfg.block_size * C + cfg.n_layer * block + 2 * C + head
+    return V * C + cfg.block_size * C + blocks + (C + b * C) + head
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,17 +154,50 @@ class MLP(nn.Module):
         return self.drop(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+def make_moe(cfg: GPTConfig) -> MoE:
+    return MoE(
+        cfg.n_embd,
+        cfg.expert_hidden,
+        cfg.n_experts,
+        cfg.moe_top_k,
+        cfg.moe_aux_coef,
+        cfg.moe_bias_rate,
+        cfg.moe_impl,
+    )
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        # Exactly one of mlp / moe: the names say which kind of block this is.
+        moe = cfg.is_moe_layer(layer)
+        self.mlp: MLP | None = None if moe else MLP(cfg)
+        self.moe: MoE | None = make_moe(cfg) if moe else None
+        self.moe_drop = nn.Dropout(cfg.dropout) if moe else None  # MLP drops inside
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
+        if self.moe is not None:
+            return x + self.moe_drop(self.moe(self.ln_2(x)))
         return x + self.mlp(self.ln_2(x))
+
+
+def check_moe_config(cfg: GPTConfig) -> None:
+    """ValueError for MoE settings the layer cannot run."""
+    if cfg.n_experts < 0 or cfg.moe_every < 1 or cfg.moe_hidden < 0:
+        raise ValueError(
+            "n_experts and moe_hidden must be >= 0 and moe_every >= 1, got "
+            f"{cfg.n_experts}, {cfg.moe_hidden}, {cfg.moe_every}"
+        )
+    if cfg.n_experts and not 1 <= cfg.moe_top_k <= cfg.n_experts:
+        raise ValueError(f"moe_top_k ({cfg.moe_top_k}) must be in 1..n_experts ({cfg.n_experts})")
+    if cfg.moe_aux_coef < 0 or cfg.moe_bias_rate < 0:
+        raise ValueError("moe_aux_coef and moe_bias_rate must be >= 0 (0 turns them off)")
+    if cfg.moe_impl not in IMPLS:
+        raise ValueError(f"moe_impl must be one of {IMPLS}, got {cfg.moe_impl!r}")
 
 
 class GPT(nn.Module):
@@ -129,12 +205,13 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+        check_moe_config(cfg)
         self.config = cfg
         V = cfg.padded_vocab_size
         self.wte: nn.Embedding | None = nn.Embedding(V, cfg.n_embd)
         self.wpe: nn.Embedding | None = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop: nn.Dropout | None = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.h = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
@@ -147,7 +224,11 @@ class GPT(nn.Module):
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        """Recompute non-persistent buffers (needed after building on the meta device): the
+        vocab pad mask and the MoE layers' token counts and aux-loss record."""
+        for block in self.h.values():
+            if block.moe is not None:
+                block.moe.reset_stats()
         if hasattr(self, "vocab_pad_mask"):
             V = self.config.padded_vocab_size
             mask = torch.arange(V, device=self.vocab_pad_mask.device) >= self.config.vocab_size
@@ -176,6 +257,9 @@ class GPT(nn.Module):
         stage) gets exactly the values the whole model would."""
         for name, p in self.named_parameters():
             p.copy_(init_value(self.config, name, p.shape, seed).to(p.device, p.dtype))
+        for block in self.h.values():
+            if block.moe is not None:
+                block.moe.expert_bias.zero_()  # persistent state: starts unbiased
         self.reset_buffers()
 
     def num_params(self) -> int:
@@ -195,7 +279,9 @@ def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int) -> torch
     if name == "lm_head.weight" and cfg.tie_embeddings:
         name = "wte.weight"
     std = 0.02
-    if name.endswith("c_proj.weight"):  # residual output projections (GPT-2 paper)
+    # Residual output projections (GPT-2 paper), the experts' w2 included. The MoE router and
+    # experts' w1 keep 0.02 like the dense c_fc.
+    if name.endswith(("c_proj.weight", "experts.w2")):
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     value = torch.randn(shape, generator=gen) * std
