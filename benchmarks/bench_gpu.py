@@ -18,6 +18,7 @@ import torch
 from common import (
     REPO,
     arg_parser,
+    columns,
     gpt2_data,
     machine,
     matmul_peak_flops,
@@ -33,14 +34,21 @@ from gpt3d.trainer import Trainer
 
 def build(a, compile_: bool) -> Trainer:
     args = [
-        "--model.preset=gpt2", f"--model.n_layer={a.n_layer}", "--model.pad_vocab_multiple=64",
-        f"--data.dataset={a.data}", f"--training.seq_len={a.seq}",
-        f"--training.global_batch_size={a.batch}", f"--training.grad_accum={a.grad_accum}",
-        "--training.dtype=bfloat16", f"--training.compile={str(compile_).lower()}",
-        "--training.steps=1000000", "--training.warmup_steps=0", "--training.lr=6e-4",
+        "--model.preset=gpt2",
+        f"--model.n_layer={a.n_layer}",
+        "--model.pad_vocab_multiple=64",
+        f"--data.dataset={a.data}",
+        f"--training.seq_len={a.seq}",
+        f"--training.global_batch_size={a.batch}",
+        f"--training.grad_accum={a.grad_accum}",
+        "--training.dtype=bfloat16",
+        f"--training.compile={str(compile_).lower()}",
+        "--training.steps=1000000",
+        "--training.warmup_steps=0",
+        "--training.lr=6e-4",
         "--training.eval_interval=0",
-    ]  # fmt: skip
-    return Trainer(load_config(args))
+    ]
+    return Trainer.from_config(load_config(args))
 
 
 def main() -> int:
@@ -66,8 +74,11 @@ def main() -> int:
     n = 8192 if dev.type == "cuda" else 1024
     measured = matmul_peak_flops(torch.bfloat16, n=n, seconds=2.0, device=dev)
     datasheet = device_peak_flops(dev, 0.0, 0.0) if dev.type == "cuda" else float("nan")
-    print(f"{info['gpu'] or info['cpu']}: bf16 matmul {measured / 1e12:.1f} TFLOP/s measured, "
-          f"{datasheet / 1e12:.0f} datasheet", flush=True)  # fmt: skip
+    print(
+        f"{info['gpu'] or info['cpu']}: bf16 matmul {measured / 1e12:.1f} TFLOP/s measured, "
+        f"{datasheet / 1e12:.0f} datasheet",
+        flush=True,
+    )
     trainers, first = {}, {}
     for name, comp in (("bf16+compile", True), ("bf16 eager", False)):
         t0 = time.perf_counter()
@@ -89,25 +100,27 @@ def main() -> int:
             )
     tr = trainers["bf16+compile"]
     tokens = tr.tokens_per_step()
-    fpt = flops_per_token(tr.gpt, a.seq)
+    fpt = flops_per_token(tr.model_cfg, a.seq)
     rows = []
     for name, ts in times.items():
         t = median(ts)
         flops = fpt * tokens / t
-        rows.append({
-            "variant": name, "tokens_per_s": tokens / t, "step_ms": 1e3 * t,
-            "mfu_datasheet": flops / datasheet, "mfu_measured": flops / measured,
-            "first_s": first[name], "speedup": median(times["bf16 eager"]) / t,
-        })  # fmt: skip
-    cols = [
-        ("variant", "variant", "s"),
-        ("tokens_per_s", "tokens/s", ",.0f"),
-        ("step_ms", "step ms", ".1f"),
-        ("speedup", "× eager", ".2f"),
-        ("mfu_datasheet", "MFU (datasheet)", ".1%"),
-        ("mfu_measured", "MFU (measured bf16 matmul)", ".1%"),
-        ("first_s", "build+warm-up s", ".0f"),
-    ]
+        rows.append(
+            {
+                "variant": name,
+                "tokens_per_s": tokens / t,
+                "step_ms": 1e3 * t,
+                "mfu_datasheet": flops / datasheet,
+                "mfu_measured": flops / measured,
+                "first_s": first[name],
+                "speedup": median(times["bf16 eager"]) / t,
+            }
+        )
+    cols = columns(
+        "variant:variant:s; tokens_per_s:tokens/s:,.0f; step_ms:step ms:.1f;"
+        "speedup:× eager:.2f; mfu_datasheet:MFU (datasheet):.1%;"
+        "mfu_measured:MFU (measured bf16 matmul):.1%; first_s:build+warm-up s:.0f"
+    )
     notes = [
         f"GPT-2 124M ({a.n_layer} layers, vocab 50304), seq {a.seq}, batch {a.batch} x grad_accum "
         f"{a.grad_accum} = {tokens:,} tokens/step; bf16 autocast, fp32 master weights, fused AdamW",
@@ -117,8 +130,16 @@ def main() -> int:
         f"peak memory {peak_memory_gib(dev):.1f} GiB (both models in one process)",
     ]
     config = {k: v for k, v in vars(a).items() if k != "out"}
-    write_results("bench_gpu", "bench_gpu: GPT-2 124M, bf16 + compile, one GPU", info, config,
-                  rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
+    write_results(
+        "bench_gpu",
+        "bench_gpu: GPT-2 124M, bf16 + compile, one GPU",
+        info,
+        config,
+        rows,
+        table(rows, cols),
+        notes,
+        Path(a.out),
+    )
     return 0
 
 

@@ -20,30 +20,36 @@ from common import (
     REPO,
     add_model_flags,
     arg_parser,
+    columns,
     launch,
     machine,
     model_args,
-    pyplot,
     run_layouts,
     save_figure,
+    subplots,
     synthetic_data,
     table,
     write_results,
-)  # fmt: skip
+)
 
 
 def summarize(name: str, ranks: list[dict], base: dict | None) -> dict:
     # Best of the timed steps (other jobs only ever add time); a step ends when the slowest
     # rank finishes it.
     step = min(max(ts) for ts in zip(*(r["step_s"] for r in ranks), strict=True))
-    mem = [r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["activation_peak_bytes"]
-           for r in ranks]  # fmt: skip
+    mem = [
+        r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["activation_peak_bytes"]
+        for r in ranks
+    ]
     row = {
-        "layout": name, "world": ranks[0]["world"], "step_ms": 1e3 * step,
+        "layout": name,
+        "world": ranks[0]["world"],
+        "step_ms": 1e3 * step,
         "tokens_per_s": ranks[0]["tokens_per_step"] / step,
-        "mem_max_MiB": max(mem) / 2**20, "mem_min_MiB": min(mem) / 2**20,
+        "mem_max_MiB": max(mem) / 2**20,
+        "mem_min_MiB": min(mem) / 2**20,
         "final_loss": next(r["losses"][-1] for r in reversed(ranks)),
-    }  # fmt: skip
+    }
     if base is not None:
         row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["mem_rel"] = row["mem_max_MiB"] / base["mem_max_MiB"]
@@ -51,10 +57,10 @@ def summarize(name: str, ranks: list[dict], base: dict | None) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
+    made = subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    if made is None:
         return
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+    fig, (a1, a2) = made
     names = [r["layout"] for r in rows]
     a1.barh(names, [r.get("speedup", 1.0) for r in rows], color="tab:blue")
     a1.axvline(1.0, color="k", lw=0.8)
@@ -96,17 +102,12 @@ def main() -> None:
     results["1 process, 2 threads"] = launch(1, two, work / "threads2")["threads2"]
     ref = summarize("1 process", results["1 process"], None) if "1 process" in results else None
     rows = [summarize(n, results[n], ref) for n in [*names, "1 process, 2 threads"]]
-    cols = [
-        ("layout", "layout", "s"),
-        ("world", "procs", "d"),
-        ("tokens_per_s", "tokens/s", ",.0f"),
-        ("step_ms", "step ms", ".0f"),
-        ("speedup", "× 1 proc", ".2f"),
-        ("mem_max_MiB", "mem/rank max MiB", ".1f"),
-        ("mem_min_MiB", "min MiB", ".1f"),
-        ("mem_rel", "mem × 1 proc", ".2f"),
-        ("final_loss", "loss", ".4f"),
-    ]
+    cols = columns(
+        "layout:layout:s; world:procs:d; tokens_per_s:tokens/s:,.0f;"
+        "step_ms:step ms:.0f; speedup:× 1 proc:.2f;"
+        "mem_max_MiB:mem/rank max MiB:.1f; mem_min_MiB:min MiB:.1f;"
+        "mem_rel:mem × 1 proc:.2f; final_loss:loss:.4f"
+    )
     notes = [
         f"model {a.n_layer}L/{a.n_head}h/{a.n_embd}d, vocab {a.vocab} (synthetic data), "
         f"seq {a.seq}, "
@@ -127,8 +128,16 @@ def main() -> None:
             + " tokens/s (drift of the shared machine)"
         )
     config = {"args": {k: v for k, v in vars(a).items() if k != "out"}}
-    write_results("bench_layouts", "bench_layouts: throughput and memory per layout", info,
-                  config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
+    write_results(
+        "bench_layouts",
+        "bench_layouts: throughput and memory per layout",
+        info,
+        config,
+        rows,
+        table(rows, cols),
+        notes,
+        Path(a.out),
+    )
     plot(rows, Path(a.out) / "bench_layouts.png")
 
 

@@ -25,16 +25,17 @@ from common import (
     TP2,
     add_model_flags,
     arg_parser,
+    columns,
     machine,
     model_args,
     pp_args,
-    pyplot,
     run_layouts,
     save_figure,
+    subplots,
     synthetic_data,
     table,
     write_results,
-)  # fmt: skip
+)
 
 MEMORY_LAYOUTS = {
     **{k: LAYOUTS[k] for k in ("1 process", "dp2 FSDP", "dp2 DDP", "tp2", "tp2+SP")},
@@ -61,13 +62,16 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
     state = [r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] for r in ranks]
     worst = ranks[state.index(max(state))]
     row = {
-        "layout": name, "world": ranks[0]["world"],
+        "layout": name,
+        "world": ranks[0]["world"],
         "shards": d["tp"] * d["pp"] * d["dp_shard"],
-        "param_MiB": worst["param_bytes"] / MiB, "grad_MiB": worst["grad_bytes"] / MiB,
-        "optim_MiB": worst["optim_bytes"] / MiB, "state_MiB": max(state) / MiB,
+        "param_MiB": worst["param_bytes"] / MiB,
+        "grad_MiB": worst["grad_bytes"] / MiB,
+        "optim_MiB": worst["optim_bytes"] / MiB,
+        "state_MiB": max(state) / MiB,
         "state_min_MiB": min(state) / MiB,
         "act_MiB": max(r["activation_peak_bytes"] for r in ranks) / MiB,
-    }  # fmt: skip
+    }
     if ref is not None:
         row["theory_MiB"] = ref["state_MiB"] / row["shards"]
         row["vs_theory"] = row["state_MiB"] / row["theory_MiB"]
@@ -76,10 +80,10 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
+    made = subplots(figsize=(9, 4.8))
+    if made is None:
         return
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    fig, ax = made
     names = [r["layout"] for r in rows]
     ys = range(len(rows))
     left = [0.0] * len(rows)
@@ -124,20 +128,13 @@ def main() -> None:
     results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS)
     ref = row_for("1 process", results["1 process"], None) if "1 process" in results else None
     rows = [row_for(n, results[n], ref) for n in names]
-    cols = [
-        ("layout", "layout", "s"),
-        ("world", "procs", "d"),
-        ("shards", "tp·pp·dp_shard", "d"),
-        ("param_MiB", "params", ".2f"),
-        ("grad_MiB", "grads", ".2f"),
-        ("optim_MiB", "AdamW", ".2f"),
-        ("state_MiB", "state max", ".2f"),
-        ("state_min_MiB", "state min", ".2f"),
-        ("theory_MiB", "theory", ".2f"),
-        ("vs_theory", "max / theory", ".3f"),
-        ("act_MiB", "activations peak", ".2f"),
-        ("act_rel", "act × 1 proc", ".2f"),
-    ]
+    cols = columns(
+        "layout:layout:s; world:procs:d; shards:tp·pp·dp_shard:d;"
+        "param_MiB:params:.2f; grad_MiB:grads:.2f; optim_MiB:AdamW:.2f;"
+        "state_MiB:state max:.2f; state_min_MiB:state min:.2f;"
+        "theory_MiB:theory:.2f; vs_theory:max / theory:.3f;"
+        "act_MiB:activations peak:.2f; act_rel:act × 1 proc:.2f"
+    )
     worst = max((r for r in rows if "vs_theory" in r), key=lambda r: r["vs_theory"])
     notes = [
         f"model {a.n_layer}L/{a.n_head}h/{a.n_embd}d, vocab {a.vocab} (padded to 64), seq {a.seq}, "
@@ -151,8 +148,16 @@ def main() -> None:
         f"largest overshoot: {worst['layout']} at {worst['vs_theory']:.3f} x theory",
     ]
     config = {"args": {k: v for k, v in vars(a).items() if k != "out"}}
-    write_results(a.name, "bench_memory: per-rank bytes vs the 1/(tp·pp·dp_shard) theory", info,
-                  config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
+    write_results(
+        a.name,
+        "bench_memory: per-rank bytes vs the 1/(tp·pp·dp_shard) theory",
+        info,
+        config,
+        rows,
+        table(rows, cols),
+        notes,
+        Path(a.out),
+    )
     plot(rows, Path(a.out) / f"{a.name}.png")
 
 

@@ -26,16 +26,17 @@ from common import (
     REPO,
     add_model_flags,
     arg_parser,
+    columns,
     launch,
     machine,
     model_args,
     pp_args,
-    pyplot,
     save_figure,
+    subplots,
     synthetic_data,
     table,
     write_results,
-)  # fmt: skip
+)
 
 SCHEDULES = {  # name -> virtual stages per rank
     "GPipe": 1,
@@ -71,17 +72,23 @@ def row_for(schedule: str, m: int, p: int, ranks: list[dict]) -> dict:
     eff, step_eff = work / sched, work / step
     th = theory(schedule, m, p)
     return {
-        "schedule": schedule, "m": m, "work_ms": 1e3 * work, "schedule_ms": 1e3 * sched,
-        "step_ms": 1e3 * step, "efficiency": eff, "theory": th, "of_theory": eff / th,
+        "schedule": schedule,
+        "m": m,
+        "work_ms": 1e3 * work,
+        "schedule_ms": 1e3 * sched,
+        "step_ms": 1e3 * step,
+        "efficiency": eff,
+        "theory": th,
+        "of_theory": eff / th,
         "step_efficiency": step_eff,
-    }  # fmt: skip
+    }
 
 
 def plot(rows: list[dict], p: int, path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
+    made = subplots(figsize=(7.5, 4.5))
+    if made is None:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = made
     ms = sorted({r["m"] for r in rows})
     dense = [x / 4 for x in range(int(min(ms) * 4), int(max(ms) * 4) + 1)]
     ax.plot(dense, [m / (m + p - 1) for m in dense], "k--", lw=1, label="theory m/(m+p−1)")
@@ -122,15 +129,21 @@ def main() -> None:
                 continue
             a.batch = m * a.mb
             args = [*model_args(data, a), *pp_args(pp, s, m, SCHEDULES[s])]
-            cases[f"{s}_m{m}"] = {"args": args, "warmup": a.warmup, "steps": a.steps,
-                                  "stage_compute": True}  # fmt: skip
+            cases[f"{s}_m{m}"] = {
+                "args": args,
+                "warmup": a.warmup,
+                "steps": a.steps,
+                "stage_compute": True,
+            }
             keys.append((s, m))
     results = launch(pp, cases, work)
     rows = [row_for(s, m, pp, results[f"{s}_m{m}"]) for s, m in keys]
-    cols = [("schedule", "schedule", "s"), ("m", "m", "d"), ("work_ms", "work ms", ".0f"),
-            ("schedule_ms", "schedule ms", ".0f"), ("efficiency", "efficiency", ".1%"),
-            ("theory", "theory", ".1%"), ("of_theory", "of theory", ".1%"),
-            ("step_efficiency", "incl. optimizer", ".1%")]  # fmt: skip
+    cols = columns(
+        "schedule:schedule:s; m:m:d; work_ms:work ms:.0f;"
+        "schedule_ms:schedule ms:.0f; efficiency:efficiency:.1%;"
+        "theory:theory:.1%; of_theory:of theory:.1%;"
+        "step_efficiency:incl. optimizer:.1%"
+    )
     notes = [
         f"p={pp} (one process per core), model {a.n_layer}L/{a.n_head}h/{a.n_embd}d vocab "
         f"{a.vocab}, seq {a.seq}, {a.mb} sequence(s) per microbatch, fp32, eager",
@@ -145,8 +158,16 @@ def main() -> None:
         "from one stage, which shows up as bubble",
     ]
     config = {"args": {k: v for k, v in vars(a).items() if k != "out"}, "pp": pp}
-    write_results("bench_pipeline", "bench_pipeline: measured pipeline efficiency vs theory",
-                  info, config, rows, table(rows, cols), notes, Path(a.out))  # fmt: skip
+    write_results(
+        "bench_pipeline",
+        "bench_pipeline: measured pipeline efficiency vs theory",
+        info,
+        config,
+        rows,
+        table(rows, cols),
+        notes,
+        Path(a.out),
+    )
     plot(rows, pp, Path(a.out) / "bench_pipeline.png")
 
 

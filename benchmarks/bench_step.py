@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from common import (
     REPO,
     arg_parser,
+    columns,
     gpt2_data,
     machine,
     matmul_peak_flops,
@@ -126,17 +127,26 @@ class PlainLoop:
 def trainer_for(size: str, batch: int, seq: int, *extra: str) -> Trainer:
     L, H, C = SIZES[size]
     args = [
-        "--model.preset=gpt2", f"--model.n_layer={L}", f"--model.n_head={H}", f"--model.n_embd={C}",
-        "--model.pad_vocab_multiple=1", f"--data.dataset={DATA}", f"--training.seq_len={seq}",
-        f"--training.global_batch_size={batch}", "--training.steps=1000000",
-        "--training.warmup_steps=0", "--training.lr=1e-4", "--training.eval_interval=0", *extra,
-    ]  # fmt: skip
-    return Trainer(load_config(args))
+        "--model.preset=gpt2",
+        f"--model.n_layer={L}",
+        f"--model.n_head={H}",
+        f"--model.n_embd={C}",
+        "--model.pad_vocab_multiple=1",
+        f"--data.dataset={DATA}",
+        f"--training.seq_len={seq}",
+        f"--training.global_batch_size={batch}",
+        "--training.steps=1000000",
+        "--training.warmup_steps=0",
+        "--training.lr=1e-4",
+        "--training.eval_interval=0",
+        *extra,
+    ]
+    return Trainer.from_config(load_config(args))
 
 
 def plain_for(trainer: Trainer, batch: int, seq: int) -> PlainLoop:
-    model = PlainGPT(trainer.gpt)
-    model.load_state_dict(trainer.model.parts[0].state_dict())  # same initial weights
+    model = PlainGPT(trainer.model_cfg)
+    model.load_state_dict(trainer.parts.chunks[0].state_dict())  # same initial weights
     return PlainLoop(model, batch, seq)
 
 
@@ -145,7 +155,7 @@ def same_math_check(trainer: Trainer, plain: PlainLoop) -> float:
     x, y = plain.get_batch()
     with torch.no_grad():
         ours = (
-            trainer.loss_fn(trainer.model.parts[0](x), y).item()
+            trainer.loss_fn(trainer.parts.chunks[0](x), y).item()
             * trainer.loss_fn.global_tokens
             / y.numel()
         )
@@ -165,11 +175,13 @@ def time_steps(step, seconds: float, min_steps: int = 2) -> list[float]:
 def bench_size(size: str, args, extras: bool, peaks: dict) -> list[dict]:
     variants = {"plain": None, "gpt3d": ()}
     if extras:
-        variants.update({
-            "gpt3d+compile": ("--training.compile=true",),
-            "gpt3d+bf16": ("--training.dtype=bfloat16",),
-            "gpt3d+bf16+compile": ("--training.dtype=bfloat16", "--training.compile=true"),
-        })  # fmt: skip
+        variants.update(
+            {
+                "gpt3d+compile": ("--training.compile=true",),
+                "gpt3d+bf16": ("--training.dtype=bfloat16",),
+                "gpt3d+bf16+compile": ("--training.dtype=bfloat16", "--training.compile=true"),
+            }
+        )
     steps, first = {}, {}
     torch._dynamo.reset()  # a fresh compile per size (a second shape would turn dynamic)
     for name, extra in variants.items():
@@ -192,33 +204,40 @@ def bench_size(size: str, args, extras: bool, peaks: dict) -> list[dict]:
         for n in variants:
             times[n].append(this[n])
             ratios[n].append(this["plain"] / this[n])  # throughput relative to plain
-    cfg = base.gpt
+    cfg = base.model_cfg
     tokens = args.batch * args.seq
     fpt = flops_per_token(cfg, args.seq)
-    cfg_params = base.model.parts[0].num_params()
+    cfg_params = base.parts.chunks[0].num_params()
     rows = []
     for n in variants:
         t = median(times[n])
         dtype = "bf16" if "bf16" in n else "fp32"
         vs_gpt3d = [a / b for a, b in zip(ratios[n], ratios["gpt3d"], strict=True)]
         row = {
-            "size": size, "variant": n, "params_M": round(cfg_params / 1e6, 1),
-            "tokens_per_s": tokens / t, "step_ms": 1e3 * t,
-            "vs_plain": median(ratios[n]), "vs_gpt3d": median(vs_gpt3d),
-            "mfu_measured": fpt * tokens / t / peaks[dtype], "first_step_s": first.get(n),
+            "size": size,
+            "variant": n,
+            "params_M": round(cfg_params / 1e6, 1),
+            "tokens_per_s": tokens / t,
+            "step_ms": 1e3 * t,
+            "vs_plain": median(ratios[n]),
+            "vs_gpt3d": median(vs_gpt3d),
+            "mfu_measured": fpt * tokens / t / peaks[dtype],
+            "first_step_s": first.get(n),
             "loss_diff_vs_plain": diff if n == "gpt3d" else None,
             "round_step_ms": [round(1e3 * x, 2) for x in times[n]],
-        }  # fmt: skip
+        }
         if torch.cuda.is_available():
             row["mfu_datasheet"] = fpt * tokens / t / device_peak_flops(base.env.device, 0, 0)
         rows.append(row)
-        print(f"  {size:6s} {n:20s} {row['tokens_per_s']:9.0f} tok/s  x{row['vs_plain']:.3f} "
-              f"vs plain  mfu {100 * row['mfu_measured']:.1f}%", flush=True)  # fmt: skip
+        print(
+            f"  {size:6s} {n:20s} {row['tokens_per_s']:9.0f} tok/s  x{row['vs_plain']:.3f} "
+            f"vs plain  mfu {100 * row['mfu_measured']:.1f}%",
+            flush=True,
+        )
     return rows
 
 
-ADAMW_COLS = [("size", "size", "s"), ("variant", "optimizer", "s"), ("step_ms", "ms", ".1f"),
-              ("vs_foreach", "× foreach", ".2f")]  # fmt: skip
+ADAMW_COLS = columns("size:size:s; variant:optimizer:s; step_ms:ms:.1f; vs_foreach:× foreach:.2f")
 
 
 def bench_adamw(size: str, repeats: int = 5) -> list[dict]:
@@ -234,10 +253,20 @@ def bench_adamw(size: str, repeats: int = 5) -> list[dict]:
             t0 = time.perf_counter()
             opt.step()
             best[k] = min(best[k], time.perf_counter() - t0)
-    rows = [{"size": size, "variant": f"AdamW step only, {k}", "step_ms": 1e3 * t,
-             "vs_foreach": best["foreach"] / t} for k, t in best.items()]  # fmt: skip
-    print(f"  AdamW on {size}: foreach {1e3 * best['foreach']:.0f} ms, fused "
-          f"{1e3 * best['fused']:.0f} ms", flush=True)  # fmt: skip
+    rows = [
+        {
+            "size": size,
+            "variant": f"AdamW step only, {k}",
+            "step_ms": 1e3 * t,
+            "vs_foreach": best["foreach"] / t,
+        }
+        for k, t in best.items()
+    ]
+    print(
+        f"  AdamW on {size}: foreach {1e3 * best['foreach']:.0f} ms, fused "
+        f"{1e3 * best['fused']:.0f} ms",
+        flush=True,
+    )
     return rows
 
 
@@ -279,23 +308,21 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))  # cold
     torch.manual_seed(0)
     peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
-    print(f"measured matmul peak ({args.threads} thread): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)  # fmt: skip
+    print(
+        f"measured matmul peak ({args.threads} thread): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
     rows = []
     extras = set(args.extras_sizes.split(","))
     for size in args.sizes.split(","):
         rows += bench_size(size, args, size in extras, peaks)
     adamw = bench_adamw(args.sizes.split(",")[-1])
-    cols = [
-        ("size", "size", "s"),
-        ("variant", "variant", "s"),
-        ("tokens_per_s", "tokens/s", ",.0f"),
-        ("step_ms", "step ms", ".1f"),
-        ("vs_plain", "× plain", ".3f"),
-        ("vs_gpt3d", "× gpt3d eager", ".3f"),
-        ("mfu_measured", "MFU (measured peak)", ".1%"),
-        ("first_step_s", "first step s", ".1f"),
-    ]
+    cols = columns(
+        "size:size:s; variant:variant:s; tokens_per_s:tokens/s:,.0f;"
+        "step_ms:step ms:.1f; vs_plain:× plain:.3f; vs_gpt3d:× gpt3d eager:.3f;"
+        "mfu_measured:MFU (measured peak):.1%; first_step_s:first step s:.1f"
+    )
     if torch.cuda.is_available():
         cols.append(("mfu_datasheet", "MFU (datasheet)", ".1%"))
     out = Path(args.out)

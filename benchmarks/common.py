@@ -89,26 +89,41 @@ def launch(nproc: int, cases: dict, out_dir: Path, timeout: float = 1200) -> dic
     spec = out_dir / f"cases_{nproc}.json"
     spec.write_text(json.dumps(cases))
     worker = str(REPO / "benchmarks" / "worker.py")
-    cmd = [sys.executable, worker] if nproc == 1 else [
-        *TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", worker
-    ]  # fmt: skip
+    cmd = (
+        [sys.executable, worker]
+        if nproc == 1
+        else [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", worker]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [*cmd, str(spec), str(out_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+        [*cmd, str(spec), str(out_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
-    print(f"  launch of {nproc} process(es), {len(cases)} case(s): "
-          f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    )
+    print(
+        f"  launch of {nproc} process(es), {len(cases)} case(s): {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"{nproc}-process launch failed:\n{proc.stdout[-3000:]}"
-                           f"\n{proc.stderr[-5000:]}")  # fmt: skip
+        raise RuntimeError(
+            f"{nproc}-process launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     results = {}
     for name in cases:
         files = sorted((out_dir / name).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
         results[name] = [json.loads(f.read_text()) for f in files]
     return results
+
+
+def columns(spec: str) -> list[tuple[str, str, str]]:
+    """Table columns from "key:header:format" entries separated by ";" (headers may hold
+    spaces, not colons), e.g. columns("layout:layout:s; tokens_per_s:tokens/s:,.0f")."""
+    return [tuple(p.strip().split(":", 2)) for p in spec.split(";") if p.strip()]
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -125,15 +140,31 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, info: dict, config: dict, rows: list[dict],
-                  markdown: str, notes: list[str], out_dir: Path = RESULTS) -> None:  # fmt: skip
+def write_results(
+    name: str,
+    title: str,
+    info: dict,
+    config: dict,
+    rows: list[dict],
+    markdown: str,
+    notes: list[str],
+    out_dir: Path = RESULTS,
+) -> None:
     """results/<name>.json (everything) and results/<name>.md (title, machine, table, notes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"name": name, "machine": info, "config": config, "rows": rows, "notes": notes}
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     facts = ", ".join(f"{k} {v}" for k, v in info.items() if v is not None)
-    md = [f"# {title}", "", f"Measured: {facts}.", "", f"Config: `{json.dumps(config)}`", "",
-          markdown, ""]  # fmt: skip
+    md = [
+        f"# {title}",
+        "",
+        f"Measured: {facts}.",
+        "",
+        f"Config: `{json.dumps(config)}`",
+        "",
+        markdown,
+        "",
+    ]
     md += [f"- {n}" for n in notes]
     (out_dir / f"{name}.md").write_text("\n".join(md).rstrip() + "\n")
     print(markdown)
@@ -155,6 +186,12 @@ def pyplot():
     return plt
 
 
+def subplots(*args, **kwargs):
+    """(fig, axes) of plt.subplots(*args, dpi=120, **kwargs), or None without matplotlib."""
+    plt = pyplot()
+    return None if plt is None else plt.subplots(*args, dpi=120, **kwargs)
+
+
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
@@ -174,10 +211,7 @@ def median(xs: list[float]) -> float:
 
 
 # ---- layouts and a synthetic model shared by bench_layouts / bench_memory ---------------
-def pp_args(n: int, schedule: str, m: int, v: int = 1) -> list[str]:
-    return [f"--parallel.pp={n}", f"--parallel.pp_schedule={schedule}",
-            f"--parallel.pp_microbatches={m}", f"--parallel.pp_stages_per_rank={v}"]  # fmt: skip
-
+from tests.helpers import pp_args  # noqa: E402
 
 TP2, SP, DDP = "--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.dp_mode=ddp"
 # name -> (world size, layout overrides); pipeline layouts use 4 microbatches
@@ -225,13 +259,21 @@ def model_args(data: Path, a) -> list[str]:
     """Trainer overrides for the benchmark model; `a` has n_layer, n_head, n_embd, vocab,
     seq, batch."""
     return [
-        f"--data.dataset={data}", "--model.preset=gpt2", f"--model.n_layer={a.n_layer}",
-        f"--model.n_head={a.n_head}", f"--model.n_embd={a.n_embd}", f"--model.block_size={a.seq}",
-        f"--model.vocab_size={a.vocab}", "--model.pad_vocab_multiple=64",
-        f"--training.seq_len={a.seq}", f"--training.global_batch_size={a.batch}",
-        "--training.steps=1000000", "--training.warmup_steps=0", "--training.lr=1e-4",
+        f"--data.dataset={data}",
+        "--model.preset=gpt2",
+        f"--model.n_layer={a.n_layer}",
+        f"--model.n_head={a.n_head}",
+        f"--model.n_embd={a.n_embd}",
+        f"--model.block_size={a.seq}",
+        f"--model.vocab_size={a.vocab}",
+        "--model.pad_vocab_multiple=64",
+        f"--training.seq_len={a.seq}",
+        f"--training.global_batch_size={a.batch}",
+        "--training.steps=1000000",
+        "--training.warmup_steps=0",
+        "--training.lr=1e-4",
         "--training.eval_interval=0",
-    ]  # fmt: skip
+    ]
 
 
 def add_model_flags(p, n_layer=4, n_head=4, n_embd=256, vocab=512, seq=128, batch=8) -> None:

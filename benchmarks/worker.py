@@ -28,6 +28,7 @@ from gpt3d.config import load_config  # noqa: E402
 from gpt3d.launch import guarded_main  # noqa: E402
 from gpt3d.metrics import peak_memory_gib  # noqa: E402
 from gpt3d.trainer import Trainer  # noqa: E402
+from tests.helpers import cases_main  # noqa: E402
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -124,14 +125,14 @@ def stage_compute(trainer: Trainer, repeats: int) -> float:
     mb = t.global_batch_size // (trainer.dims.dp * m)
     x, y, _ = trainer.loader.next_batch()
     x, y = x[:mb], y[:mb]
-    width = trainer.gpt.n_embd
+    width = trainer.model_cfg.n_embd
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for stage, part in zip(trainer.model.stage_ids, trainer.model.parts, strict=True):
+        for stage, part in zip(trainer.parts.stage_ids, trainer.parts.chunks, strict=True):
             inp = x if stage == 0 else torch.randn(mb, t.seq_len, width, requires_grad=True)
             out = part(inp)
-            if stage == trainer.model.n_stages - 1:
+            if stage == trainer.parts.n_stages - 1:
                 trainer.loss_fn(out, y).backward()
             else:
                 out.backward(torch.randn_like(out))
@@ -142,7 +143,7 @@ def stage_compute(trainer: Trainer, repeats: int) -> float:
 
 def run_case(spec: dict, out: Path) -> None:
     torch.set_num_threads(spec.get("threads", 1))
-    trainer = Trainer(load_config(spec["args"]))
+    trainer = Trainer.from_config(load_config(spec["args"]))
     fb_times: list[float] = []
     for _ in range(spec.get("warmup", 2)):
         trainer.train_step()
@@ -160,11 +161,15 @@ def run_case(spec: dict, out: Path) -> None:
     accum = trainer.cfg.training.grad_accum
     fb = [sum(fb_times[i : i + accum]) for i in range(0, len(fb_times), accum)]
     record = {
-        "rank": trainer.env.rank, "world": trainer.env.world_size,
-        "layout": trainer.dims.describe(), "tokens_per_step": trainer.tokens_per_step(),
-        "step_s": steps, "fwd_bwd_s": fb, "losses": losses,
+        "rank": trainer.env.rank,
+        "world": trainer.env.world_size,
+        "layout": trainer.dims.describe(),
+        "tokens_per_step": trainer.tokens_per_step(),
+        "step_s": steps,
+        "fwd_bwd_s": fb,
+        "losses": losses,
         "n_params": sum(p.numel() for p in trainer.params),
-    }  # fmt: skip
+    }
     if pipelined:
         record["stage_compute_s"] = work
         record["microbatches"] = trainer.cfg.parallel.pp_microbatches
@@ -176,12 +181,5 @@ def run_case(spec: dict, out: Path) -> None:
     gc.collect()
 
 
-def main(argv: list[str]) -> int:
-    cases = json.loads(Path(argv[0]).read_text())
-    for name, spec in cases.items():
-        run_case(spec, Path(argv[1]) / name)
-    return 0
-
-
 if __name__ == "__main__":
-    guarded_main(main, sys.argv[1:])
+    guarded_main(cases_main(run_case), sys.argv[1:])

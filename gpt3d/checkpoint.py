@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gpt3d.checkpoint_dir import (
+    CHECKPOINT_META,
     FORMAT,
     HEAD,
-    META_FILE,
     STEP_DIR,
     TMP_DIR,
     TMP_SUFFIX,
@@ -38,59 +37,35 @@ from gpt3d.checkpoint_dir import (
     checkpoint_root,
     verify,
 )
-from gpt3d.checkpoint_dir import resolve_resume as resolve_resume  # for recipes/train.py
+from gpt3d.checkpoint_safety import SafeFileSystemReader
 from gpt3d.config import config_to_dict
+from gpt3d.errors import TrainingDiverged
+from gpt3d.parallel.utils import all_finite
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-# ---------------------------------------------------------------- preemption
-
-
-class StopOnSignal:
-    """SIGTERM/SIGINT set a flag that the training loop checks between steps; a second
-    SIGINT aborts at once. Install from the main thread."""
-
-    def __init__(self):
-        self.received = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def on_any_rank(self) -> bool:
-        """True on every rank once any rank got a signal (ranks may get it a step apart)."""
-        if not dist.is_initialized():
-            return bool(self.received)
-        # NCCL reduces only CUDA tensors; gloo takes CPU ones.
-        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([int(bool(self.received))], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 # ---------------------------------------------------------------- the checkpointer
 
 
 class Checkpointer:
-    """save / maybe_save / load / finish for one Trainer (collective: every rank calls)."""
+    """save / maybe_save / load / finish of one run's state (collective: every rank calls).
 
-    def __init__(self, trainer, log=print):
-        self.trainer, self.log = trainer, log
-        self.cfg = trainer.cfg.checkpoint
-        self.root = checkpoint_root(trainer.cfg.job.output_dir)
-        self.rank, self.world = trainer.env.rank, trainer.env.world_size
-        self.tied = trainer.gpt.tie_embeddings
-        self.view = _merged_view(trainer.model.parts)
+    It is handed exactly what it saves and restores, torchtitan-style: the model parts, the
+    optimizer, the data loader and the train state (whose step it advances on load)."""
+
+    def __init__(self, run, parts, optimizer, loader, state, log=print):
+        """run: the gpt3d.preflight.RunPlan (checkpoint settings, model shape, layout)."""
+        self.cfg, self.run = run.config.checkpoint, run
+        self.parts, self.optimizer, self.loader, self.state = parts, optimizer, loader, state
+        self.log = log
+        self.root = checkpoint_root(run.config.job.output_dir)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.tied = run.model.tie_embeddings
+        self.view = _merged_view(parts.chunks)
         self.last_saved = -1
         self.pending = None  # async save in flight: (future, tmp dir, meta)
-        if _restarts_may_hang():
-            log("warning: torchrun --max-restarts with the shared rendezvous TCPStore reuses "
-                "stale keys on restart and can hang in torch 2.13 (pytorch#135712); launch "
-                "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")  # fmt: skip
         # Async writes run collectives from a background thread: give them their own group.
         use_group = self.cfg.async_save and dist.is_initialized()
         self.async_group = dist.new_group(backend="gloo") if use_group else None
@@ -98,16 +73,21 @@ class Checkpointer:
     # ---- save --------------------------------------------------------------------------
     def maybe_save(self) -> None:
         self._publish_if_done()
-        if self.cfg.interval and self.trainer.step % self.cfg.interval == 0:
+        if self.cfg.interval and self.state.step % self.cfg.interval == 0:
             self.save()
 
     def save(self) -> None:
         """Write step-N.tmp/ on every rank, then rank 0 publishes it as step-N/ (once per step)."""
-        if self.trainer.step == self.last_saved:
+        step = self.state.step
+        if step == self.last_saved:
             return
-        self.trainer.check_finite_params()  # never replace a good checkpoint by a NaN state
+        if not all_finite(self.parts.parameters()):  # never replace a good checkpoint by NaNs
+            raise TrainingDiverged(
+                f"parameters became NaN/Inf after step {step}; lower training.lr "
+                f"(now {self.run.config.training.lr}); the last checkpoint was kept"
+            )
         self.wait()
-        t0, step = time.perf_counter(), self.trainer.step
+        t0 = time.perf_counter()
         tmp = self.root / f"step-{step}{TMP_SUFFIX}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
@@ -115,11 +95,15 @@ class Checkpointer:
         _barrier()
         state, meta = self._state_dict(), self._meta()
         if self.cfg.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
-                                    no_dist=self.world == 1)  # fmt: skip
+            future = dcp.async_save(
+                state,
+                checkpoint_id=str(tmp),
+                process_group=self.async_group,
+                no_dist=self.world == 1,
+            )
             self.pending = (future, tmp, meta)
-            self.log(f"checkpoint step-{step}: staged in {time.perf_counter() - t0:.1f}s, "
-                     "writing in the background")  # fmt: skip
+            took = time.perf_counter() - t0
+            self.log(f"checkpoint step-{step}: staged in {took:.1f}s, writing in the background")
         else:
             dcp.save(state, checkpoint_id=str(tmp), no_dist=self.world == 1)
             self._publish(tmp, meta)
@@ -157,7 +141,7 @@ class Checkpointer:
         if self.rank != 0:
             return
         meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        _write_synced(tmp / META_FILE, json.dumps(meta, indent=1))
+        _write_synced(tmp / CHECKPOINT_META, json.dumps(meta, indent=1))
         final = tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX))
         if final.exists():  # re-saving a step (resumed from an older checkpoint)
             old = final.with_name(final.name + ".old")
@@ -172,8 +156,7 @@ class Checkpointer:
 
     def _prune(self, step: int) -> None:
         """Keep the newest checkpoint.keep_last complete ones; drop stale .tmp directories."""
-        steps = sorted((int(m[1]), p) for p in self.root.iterdir()
-                       if (m := STEP_DIR.match(p.name)))  # fmt: skip
+        steps = sorted((int(m[1]), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
         for _, p in steps[: -self.cfg.keep_last]:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.root.iterdir():
@@ -181,16 +164,21 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _meta(self) -> dict:
-        t = self.trainer
+        run = self.run
         return {
-            "format": FORMAT, "step": t.step, "loader": t.loader.state_dict(),
-            "model": dataclasses.asdict(t.gpt), "config": config_to_dict(t.cfg),
-            "world_size": self.world, "layout": t.dims.describe(), "time": time.time(),
-        }  # fmt: skip
+            "format": FORMAT,
+            "step": self.state.step,
+            "loader": self.loader.state_dict(),
+            "model": dataclasses.asdict(run.model),
+            "config": config_to_dict(run.config),
+            "world_size": self.world,
+            "layout": run.dims.describe(),
+            "time": time.time(),
+        }
 
     # ---- state dicts ---------------------------------------------------------------------
     def _state_dict(self) -> dict:
-        model, optim = get_state_dict(self.view, self.trainer.optimizer, options=_OPTIONS)
+        model, optim = get_state_dict(self.view, self.optimizer, options=_OPTIONS)
         if self.tied:  # one copy of a tied embedding, under wte's name; the head copy is equal
             model, optim = _without_head(model), _without_head(optim)
         return {"model": model, "optim": optim, "rng": _rng_state(self.rank)}
@@ -198,9 +186,9 @@ class Checkpointer:
     def load(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, step, data position (and RNG on the same world size)."""
         path = Path(path)
-        meta = verify(path, self.trainer.gpt)
-        self.trainer.loader.load_state_dict(meta["loader"])  # checks seed / seq_len first
-        model, optim = get_state_dict(self.view, self.trainer.optimizer, options=_OPTIONS)
+        meta = verify(path, self.run.model)
+        self.loader.load_state_dict(meta["loader"])  # checks seed / seq_len first
+        model, optim = get_state_dict(self.view, self.optimizer, options=_OPTIONS)
         # Hyper-parameters (param_groups) come from this run's config; state from the file.
         state = {k: v for k, v in optim.items() if k.startswith("state.")}
         request = {"model": _head_as_wte(model, self.tied), "optim": _head_as_wte(state, self.tied)}
@@ -209,18 +197,25 @@ class Checkpointer:
         if rng:
             request["rng"] = rng
         # In place: these are the live parameters and optimizer state.
-        dcp.load(request, checkpoint_id=str(path), no_dist=self.world == 1)
+        dcp.load(request, storage_reader=SafeFileSystemReader(path), no_dist=self.world == 1)
         if self.tied:
             _copy_wte_to_head(model)
             _copy_wte_to_head(state)
-        set_state_dict(self.view, self.trainer.optimizer, model_state_dict=model,
-                       optim_state_dict=optim, options=_OPTIONS)  # fmt: skip
+        set_state_dict(
+            self.view,
+            self.optimizer,
+            model_state_dict=model,
+            optim_state_dict=optim,
+            options=_OPTIONS,
+        )
         if rng:
             _set_rng_state(rng, self.rank)
-        self.trainer.step = self.last_saved = int(meta["step"])
+        self.state.step = self.last_saved = int(meta["step"])
         note = "" if same_world else "; RNG reseeded (different world size)"
-        self.log(f"resumed from {path} at step {meta['step']} (saved on {meta['layout']}, "
-                 f"{meta['world_size']} ranks){note}")  # fmt: skip
+        self.log(
+            f"resumed from {path} at step {meta['step']} (saved on {meta['layout']}, "
+            f"{meta['world_size']} ranks){note}"
+        )
 
 
 # ---------------------------------------------------------------- helpers
@@ -287,12 +282,6 @@ def _set_rng_state(state: dict, rank: int) -> None:
     torch.set_rng_state(state[f"rank{rank}.cpu"])
     if f"rank{rank}.cuda" in state:
         torch.cuda.set_rng_state(state[f"rank{rank}.cuda"])
-
-
-def _restarts_may_hang() -> bool:
-    env = os.environ
-    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
-    return restarts and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def _barrier() -> None:

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from gpt3d.checkpoint_safety import SafeFileSystemReader, read_dcp_metadata
+from gpt3d.errors import CheckpointError
 from gpt3d.model import GPT, GPTConfig
 
 CHECKPOINT_DIR = "checkpoints"
-META_FILE = "meta.json"
+CHECKPOINT_META = "meta.json"  # written last, by rank 0: its presence = complete
 FORMAT = 1
 TMP_SUFFIX = ".tmp"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -48,49 +50,58 @@ def latest_complete(root: str | os.PathLike) -> Path | None:
     """The newest published step-N directory (half-written .tmp directories never count)."""
     root = Path(root)
     found = [(int(m[1]), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name))]
-    found = [(n, p) for n, p in found if (p / META_FILE).is_file()]
+    found = [(n, p) for n, p in found if (p / CHECKPOINT_META).is_file()]
     return max(found)[1] if found else None
 
 
-def read_meta(path: str | os.PathLike) -> dict:
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     """meta.json of a complete checkpoint; ValueError saying what is wrong otherwise."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"checkpoint {path} does not exist; point checkpoint.resume at a step-N "
-                         "directory or use checkpoint.resume=auto")  # fmt: skip
-    if path.name.endswith(".tmp") or not (path / META_FILE).is_file():
-        raise ValueError(f"checkpoint {path} is incomplete (no {META_FILE}: its save never "
-                         "finished); resume from an earlier step-N directory")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; point checkpoint.resume at a step-N "
+            "directory or use checkpoint.resume=auto"
+        )
+    if path.name.endswith(".tmp") or not (path / CHECKPOINT_META).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {CHECKPOINT_META}: its save never "
+            "finished); resume from an earlier step-N directory"
+        )
     try:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = json.loads((path / CHECKPOINT_META).read_text())
         GPTConfig(**meta["model"])
         int(meta["step"]), int(meta["loader"]["samples_consumed"]), dict(meta["files"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {path}: {META_FILE} is corrupt ({e!r}); "
-                         "resume from another step-N directory") from None  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:  # incl. json.JSONDecodeError
+        raise CheckpointError(
+            f"checkpoint {path}: {CHECKPOINT_META} is corrupt ({e!r}); "
+            "resume from another step-N directory"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}"
+        )
     return meta
 
 
 def verify(path: str | os.PathLike, gpt: GPTConfig | None = None) -> dict:
     """Read-only check before any collective: meta.json, file sizes, the DCP index and (with
     `gpt`) that the saved model shape is this model's. Returns meta.json."""
-    path, meta = Path(path), read_meta(path)
+    path, meta = Path(path), read_checkpoint_meta(path)
     for name, size in meta["files"].items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             found = f.stat().st_size if f.is_file() else "missing"
-            raise ValueError(f"checkpoint {path} is damaged: {name} has {found} bytes, {size} "
-                             "were written; resume from another step-N directory")  # fmt: skip
-    try:
-        index = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything
-        raise ValueError(f"checkpoint {path}: unreadable DCP metadata ({e!r})") from None
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {name} has {found} bytes, {size} "
+                "were written; resume from another step-N directory"
+            )
+    index = read_dcp_metadata(path).state_dict_metadata  # allow-list unpickler: runs nothing
     saved = GPTConfig(**meta["model"])
     for name, shape in model_shapes(saved).items():
         if tuple(getattr(index.get(f"model.{name}"), "size", ())) != shape:
-            raise ValueError(f"checkpoint {path} is damaged: model.{name} {shape} not in index")
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: model.{name} {shape} not in index"
+            )
     if gpt is not None:
         _check_same_shape(saved, gpt, path)
     return meta
@@ -98,12 +109,17 @@ def verify(path: str | os.PathLike, gpt: GPTConfig | None = None) -> dict:
 
 def _check_same_shape(saved: GPTConfig, gpt: GPTConfig, path: Path) -> None:
     keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
-    diff = [f"{k}={getattr(saved, k)} (now {getattr(gpt, k)})" for k in keys
-            if getattr(saved, k) != getattr(gpt, k)]  # fmt: skip
+    diff = [
+        f"{k}={getattr(saved, k)} (now {getattr(gpt, k)})"
+        for k in keys
+        if getattr(saved, k) != getattr(gpt, k)
+    ]
     if diff:
-        raise ValueError(f"checkpoint {path} holds a different model shape: {', '.join(diff)}; "
-                         "use the checkpoint's [model] settings (its meta.json has them) or "
-                         "start without checkpoint.resume")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model shape: {', '.join(diff)}; "
+            "use the checkpoint's [model] settings (its meta.json has them) or "
+            "start without checkpoint.resume"
+        )
 
 
 def model_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -121,29 +137,22 @@ def find_checkpoint(spec: str | os.PathLike, output_dir: str | os.PathLike) -> P
         return Path(spec)
     found = latest_complete(checkpoint_root(output_dir))
     if found is None:
-        raise ValueError(f"no complete checkpoint in {checkpoint_root(output_dir)}; give the "
-                         "run's output directory or a step-N checkpoint path")  # fmt: skip
+        raise CheckpointError(
+            f"no complete checkpoint in {checkpoint_root(output_dir)}; give the "
+            "run's output directory or a step-N checkpoint path"
+        )
     return found
 
 
-def resolve_resume(cfg) -> Path | None:
-    """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start.
-    "auto": the latest complete checkpoint in job.output_dir, if any."""
-    from gpt3d.config import gpt_config
-
-    resume = cfg.checkpoint.resume
-    if not resume:
+def find_resume(spec: str, output_dir: str | os.PathLike) -> Path | None:
+    """checkpoint.resume -> the checkpoint to continue from, unverified: "" = none (a fresh
+    start), "auto" = the latest complete one in output_dir (none yet: a fresh start), else
+    the path given."""
+    if not spec:
         return None
-    path = latest_complete(checkpoint_root(cfg.job.output_dir)) if resume == "auto" else resume
-    if path is None:
-        return None
-    loader = verify(path, gpt_config(cfg.model))["loader"]
-    for key, now in (("seed", cfg.job.seed), ("seq_len", cfg.training.seq_len)):
-        if loader[key] != now:  # the sample order depends on both
-            raise ValueError(f"checkpoint {path} was trained with {key}={loader[key]}, this run "
-                             f"has {now}; resuming would change the data order: use the same "
-                             f"value (job.seed / training.seq_len)")  # fmt: skip
-    return Path(path)
+    if spec == "auto":
+        return latest_complete(checkpoint_root(output_dir))
+    return Path(spec)
 
 
 def load_model_state_dict(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -152,7 +161,7 @@ def load_model_state_dict(path: str | os.PathLike) -> tuple[GPTConfig, dict[str,
     path = Path(path)
     cfg = GPTConfig(**verify(path)["model"])
     sd = {k: torch.empty(shape) for k, shape in model_shapes(cfg).items()}
-    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    dcp.load({"model": sd}, storage_reader=SafeFileSystemReader(path), no_dist=True)
     if cfg.tie_embeddings:
         sd[HEAD] = sd[WTE]
     return cfg, sd

@@ -1,16 +1,16 @@
 """Typed run configuration: defaults < TOML file (--config) < --section.key=value overrides.
 
 Each section is a dataclass whose fields carry a help string in ``metadata["help"]`` (and,
-where it applies, ``choices`` or a lower bound ``ge``), so ``--help``, type checking and most
-of ``validate`` are driven by the same declarations:
+where it applies, ``choices`` or bounds ``ge`` / ``gt`` / ``lt``), so ``--help``, type
+checking and the per-field checks are driven by the same declarations:
 
     cfg = load_config(["--config", "recipes/configs/debug.toml", "--training.steps=5"])
     cfg.training.steps  # 5
 
 Config files are self-contained TOML (no includes): every recipe repeats the keys it needs,
-nanoGPT style, so one file tells the whole story. Layout-vs-world-size checks live in
-gpt3d/parallel/dims.py, checkpoint paths in gpt3d/checkpoint.py; here only values that are
-wrong whatever the machine.
+nanoGPT style, so one file tells the whole story. Paths (config files, datasets, plan files)
+are relative to the current directory. Rules that relate several values (lr vs min_lr, the
+layout vs the world size, the model vs the data) are checked once, in gpt3d/preflight.py.
 """
 
 import dataclasses
@@ -23,29 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt3d.errors import ConfigError
 from gpt3d.model import PRESETS, GPTConfig, preset_config
+from gpt3d.parallel.dims import PP_SCHEDULES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PP_SCHEDULES = (
-    "GPipe",
-    "1F1B",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-    "DualPipeV",
-)
-DEFAULT_PLAN, DEFAULT_SP_PLAN = "recipes/plans/gpt_tp.toml", "recipes/plans/gpt_tp_sp.toml"
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message names the key and the fix."""
-
-
-def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None) -> Any:
-    """A field with its help text (and optional allowed values / lower bound) as metadata."""
-    meta = {"help": help, "choices": tuple(choices), "ge": ge}
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A field with its help text and optional allowed values / bounds as metadata."""
+    meta = {"help": help, "choices": tuple(choices), "ge": ge, "gt": gt, "lt": lt}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,7 +74,7 @@ class ModelConfig:
         "needs the padded vocab divisible by tp",
         ge=1,
     )
-    dropout: float = _f(0.0, "dropout probability in [0, 1)", ge=0.0)
+    dropout: float = _f(0.0, "dropout probability in [0, 1)", ge=0.0, lt=1.0)
     bias: bool = _f(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
     tie_embeddings: bool = _f(True, "share the token embedding with the output head")
 
@@ -108,13 +103,13 @@ class TrainingConfig:
         "global_batch_size/(dp*grad_accum) sequences",
         ge=1,
     )
-    lr: float = _f(1e-3, "peak learning rate (after warmup)")
+    lr: float = _f(1e-3, "peak learning rate (after warmup)", gt=0.0)
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay, in [0, lr]", ge=0.0)
     warmup_steps: int = _f(20, "linear warmup steps from 0 to lr", ge=0)
     lr_decay_steps: int = _f(0, "steps of cosine decay to min_lr; 0 = steps", ge=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (2D weights only)", ge=0.0)
-    beta1: float = _f(0.9, "AdamW beta1, in [0, 1)", ge=0.0)
-    beta2: float = _f(0.95, "AdamW beta2, in [0, 1)", ge=0.0)
+    beta1: float = _f(0.9, "AdamW beta1, in [0, 1)", ge=0.0, lt=1.0)
+    beta2: float = _f(0.95, "AdamW beta2, in [0, 1)", ge=0.0, lt=1.0)
     grad_clip: float = _f(1.0, "clip the global grad norm to this; 0 disables", ge=0.0)
     eval_interval: int = _f(50, "evaluate on val every N steps; 0 disables", ge=0)
     eval_steps: int = _f(4, "batches per evaluation")
@@ -146,8 +141,8 @@ class ParallelConfig:
     )
     plan: str = _f(
         "",
-        f"tensor-parallel plan file; empty = {DEFAULT_PLAN}, or {DEFAULT_SP_PLAN} "
-        "when sequence_parallel",
+        "tensor-parallel plan: a plan shipped in gpt3d/plans by name (gpt_tp, gpt_tp_sp) or a "
+        "path to your own .toml; empty = gpt_tp, or gpt_tp_sp when sequence_parallel",
     )
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations over the sequence")
     loss_parallel: bool = _f(True, "compute the loss on vocab-sharded logits (no all-gather)")
@@ -176,7 +171,7 @@ class MetricsConfig:
     peak_tflops: float = _f(
         0.0, "peak dense TFLOP/s per device for MFU; 0 = device table (no CPU entry)", ge=0.0
     )
-    cpu_peak_tflops: float = _f(0.5, "peak TFLOP/s used on CPU when peak_tflops is 0")
+    cpu_peak_tflops: float = _f(0.5, "peak TFLOP/s used on CPU when peak_tflops is 0", gt=0.0)
     tensorboard: bool = _f(False, "also write TensorBoard event files")
     plot: bool = _f(True, "loss-curve PNG at the end if matplotlib is installed")
 
@@ -367,24 +362,11 @@ def _apply_override(cfg: Config, name: str, raw: str | None) -> None:
     setattr(getattr(cfg, section), key, _parse_cli_value(name, raw, f.type))
 
 
-def resolve_repo_path(path: str) -> Path | None:
-    """An existing file for path: as given (absolute or from cwd), else under the repo root."""
-    p = Path(path)
-    for candidate in (p,) if p.is_absolute() else (Path.cwd() / p, REPO_ROOT / p):
-        if candidate.exists():
-            return candidate.resolve()
-    return None
-
-
-def _searched() -> str:
-    return " and ".join(dict.fromkeys(str(d) for d in (Path.cwd(), REPO_ROOT)))
-
-
 def _read_toml(path: str) -> dict:
-    found = resolve_repo_path(path)
-    if found is None or not found.is_file():
+    found = Path(path)
+    if not found.is_file():
         raise ConfigError(
-            f"--config: config file {path!r} not found (looked in {_searched()}); "
+            f"--config: config file {path!r} not found (from {Path.cwd()}); "
             "pass an existing .toml, e.g. recipes/configs/debug.toml"
         )
     try:
@@ -408,12 +390,13 @@ def load_config(argv: list[str] | None = None) -> Config:
         _apply_dict(cfg, _read_toml(path), where=path)
     for name, raw in overrides:
         _apply_override(cfg, name, raw)
-    validate(cfg)
+    check_fields(cfg)
     return cfg
 
 
-def _check_fields(cfg: Config) -> None:
-    """The per-field declarations: type, allowed choices (normalising case), lower bound."""
+def check_fields(cfg: Config) -> None:
+    """Each field against its declaration: type, allowed choices (normalising their case),
+    bounds. Rules between fields are gpt3d/preflight.py's."""
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in _fields(section).values():
@@ -421,102 +404,34 @@ def _check_fields(cfg: Config) -> None:
             value = _check_toml_value(name, getattr(obj, f.name), f.type, _default(f))
             setattr(obj, f.name, value)  # int -> float, list copy
             if f.metadata["choices"]:
-                canon = {c.lower(): c for c in f.metadata["choices"]}
-                if str(value).lower() not in canon:
-                    raise ConfigError(
-                        f"{name}={value!r} is not valid; {_closest(value, list(canon.values()))}"
-                        f"choose one of {', '.join(f.metadata['choices'])}"
-                    )
-                setattr(obj, f.name, canon[value.lower()])
-            ge = f.metadata["ge"]
-            if ge is not None and value < ge:
-                raise ConfigError(f"{name}={value!r} must be >= {ge}; set --{name}=<value >= {ge}>")
+                setattr(obj, f.name, _canonical_choice(name, value, f.metadata["choices"]))
+            _check_bounds(name, value, f.metadata)
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+def _canonical_choice(name: str, value: str, choices: tuple) -> str:
+    canon = {c.lower(): c for c in choices}
+    if str(value).lower() not in canon:
+        raise ConfigError(
+            f"{name}={value!r} is not valid; {_closest(value, list(canon.values()))}"
+            f"choose one of {', '.join(choices)}"
+        )
+    return canon[value.lower()]
 
 
-def validate(cfg: Config) -> None:
-    """Reject values that are wrong on any machine; normalises choice spellings in place."""
-    _check_fields(cfg)
-    t, p, m = cfg.training, cfg.parallel, cfg.model
-    _require(t.lr > 0, f"training.lr={t.lr} must be > 0; e.g. --training.lr=1e-3")
-    _require(
-        t.min_lr <= t.lr,
-        f"training.min_lr={t.min_lr} must be <= training.lr={t.lr}; lower training.min_lr",
-    )
-    for name in ("beta1", "beta2"):
-        beta = getattr(t, name)
-        _require(beta < 1, f"training.{name}={beta} must be in [0, 1); e.g. 0.9 or 0.95")
-    _require(m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1); e.g. 0.0 or 0.1")
-    _require(
-        t.eval_interval == 0 or t.eval_steps >= 1,
-        f"training.eval_steps={t.eval_steps} must be >= 1 while eval_interval > 0; "
-        "raise it, or set --training.eval_interval=0 to disable evaluation",
-    )
-    _require(
-        p.dp_shard == -1 or p.dp_shard >= 1,
-        f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for the rest of the world size",
-    )
-    _require(
-        cfg.metrics.cpu_peak_tflops > 0,
-        f"metrics.cpu_peak_tflops={cfg.metrics.cpu_peak_tflops} must be > 0; e.g. 0.5",
-    )
-    _validate_model_shape(cfg)
-
-
-def _validate_model_shape(cfg: Config) -> None:
-    g, t, split = gpt_config(cfg.model), cfg.training, cfg.parallel.pp_layer_split
-    _require(
-        g.n_embd % g.n_head == 0,
-        f"model.n_embd={g.n_embd} must be divisible by model.n_head={g.n_head}; change either",
-    )
-    _require(
-        t.seq_len <= g.block_size,
-        f"training.seq_len={t.seq_len} exceeds the model block_size {g.block_size} "
-        f"(preset {cfg.model.preset!r}); lower training.seq_len or raise model.block_size",
-    )
-    _require(
-        not split or (min(split) >= 0 and sum(split) == g.n_layer),
-        f"parallel.pp_layer_split={split} must be non-negative block counts summing to "
-        f"n_layer={g.n_layer}; fix the list or leave it empty for an even split",
-    )
+def _check_bounds(name: str, value, meta: dict) -> None:
+    for key, ok, words in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        bound = meta[key]
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{name}={value!r} must be {words} {bound}; set --{name}=<value>")
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """{section: {key: value}} of plain TOML types (for checkpoints and logs)."""
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> Config:
-    """Inverse of config_to_dict (partial dicts allowed), type-checked and validated."""
-    cfg = Config()
-    _apply_dict(cfg, d, where="config dict")
-    validate(cfg)
-    return cfg
-
-
-def config_to_toml(cfg: Config) -> str:
-    """The config as a TOML document that --config loads back to an equal Config."""
-    lines = []
-    for section, table in config_to_dict(cfg).items():
-        lines += [f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()] + [""]
-    return "\n".join(lines)
-
-
-def resolve_plan_path(cfg: Config) -> str:
-    """Absolute path of the tensor-parallel plan (parallel.plan or the default for SP)."""
-    p = cfg.parallel
-    plan = p.plan or (DEFAULT_SP_PLAN if p.sequence_parallel else DEFAULT_PLAN)
-    found = resolve_repo_path(plan)
-    if found is None:
-        raise ConfigError(
-            f"parallel.plan: plan file {plan!r} not found (looked in {_searched()}); "
-            "set --parallel.plan to an existing file"
-        )
-    return str(found)
 
 
 def help_text() -> str:

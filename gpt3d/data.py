@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt3d.errors import DataError
+
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
-META_FILE = "meta.json"
+DATASET_META = "meta.json"  # written last by prepare.py
 EVAL_SEED = 0  # eval order is fixed: every evaluation of a run sees the same val windows
 PREPARE_HINT = (
     "run `python recipes/prepare.py --out DIR <text files or dirs>` "
@@ -38,15 +40,15 @@ def count_tokens(path: str | Path, seq_len: int) -> int:
     """Number of tokens in a .bin file, after checking it holds at least one sequence."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"token file {path} does not exist; {PREPARE_HINT}")
+        raise DataError(f"token file {path} does not exist; {PREPARE_HINT}")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"token file {path} is empty; {PREPARE_HINT}")
+        raise DataError(f"token file {path} is empty; {PREPARE_HINT}")
     if size % np.dtype(TOKEN_DTYPE).itemsize:
-        raise ValueError(f"token file {path} has an odd size, it is not uint16 ids; {PREPARE_HINT}")
+        raise DataError(f"token file {path} has an odd size, it is not uint16 ids; {PREPARE_HINT}")
     n_tokens = size // np.dtype(TOKEN_DTYPE).itemsize
     if n_tokens < seq_len + 1:
-        raise ValueError(
+        raise DataError(
             f"token file {path} has {n_tokens} tokens, fewer than one sequence of seq_len + 1 = "
             f"{seq_len + 1}; use a smaller seq_len or more text (for val.bin: a larger "
             "--val-fraction in recipes/prepare.py)"
@@ -59,15 +61,12 @@ class TokenDataset:
 
     def __init__(self, path: str | Path, seq_len: int):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.path = Path(path)
         self.seq_len = seq_len
         self.n_tokens = count_tokens(self.path, seq_len)
         self.tokens = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")  # (n_tokens,)
         self.n_windows = (self.n_tokens - 1) // seq_len
-
-    def __len__(self) -> int:
-        return self.n_windows
 
     def windows(self, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Window indices (B,) -> x, y int64 tensors (B, T)."""
@@ -82,7 +81,7 @@ class SampleOrder:
 
     def __init__(self, n_windows: int, seed: int):
         if not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"data seed must be a non-negative integer, got {seed!r}")
+            raise DataError(f"data seed must be a non-negative integer, got {seed!r}")
         self.n_windows = n_windows
         self.seed = int(seed)
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)  # cache: current epoch only
@@ -117,7 +116,7 @@ class ShardedLoader:
         dp_size: int = 1,
     ):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         _check_dp(global_batch_size, dp_rank, dp_size)
         self.dataset = TokenDataset(Path(data_dir) / f"{split}.bin", seq_len)
         self.order = SampleOrder(self.dataset.n_windows, seed)
@@ -144,10 +143,6 @@ class ShardedLoader:
         self.samples_consumed += self.global_batch_size
         return batch
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
     def state_dict(self) -> dict:
         return {
             "samples_consumed": self.samples_consumed,
@@ -160,7 +155,7 @@ class ShardedLoader:
         """Resume at a global sample position; dp_size and G may differ from the saving run."""
         for key in ("seed", "seq_len", "split"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise DataError(
                     f"data loader state was saved with {key}={state[key]!r} but this loader has "
                     f"{key}={getattr(self, key)!r}; resuming would change the sample order. Use "
                     f"the same {key} as the checkpointed run, or start without loading its data "
@@ -168,22 +163,22 @@ class ShardedLoader:
                 )
         consumed = int(state["samples_consumed"])
         if consumed < 0:
-            raise ValueError(f"samples_consumed must be >= 0, got {consumed}")
+            raise DataError(f"samples_consumed must be >= 0, got {consumed}")
         self.samples_consumed = consumed
 
 
 def _check_dp(global_batch_size: int, dp_rank: int, dp_size: int) -> None:
     if global_batch_size < 1 or dp_size < 1:
-        raise ValueError(
+        raise DataError(
             f"need global_batch_size >= 1 and dp_size >= 1, got {global_batch_size}, {dp_size}"
         )
     if global_batch_size % dp_size:
-        raise ValueError(
+        raise DataError(
             f"global_batch_size {global_batch_size} is not divisible by the data-parallel size "
             f"{dp_size}; pick a global batch size that is a multiple of {dp_size}"
         )
     if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+        raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
 
 
 def eval_batches(
@@ -198,24 +193,24 @@ def eval_batches(
     under EVAL_SEED, sliced by dp rank like training batches. Windows repeat (next epoch's
     shuffle) if eval_steps * G exceeds the number of val windows."""
     if eval_steps < 1:
-        raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
+        raise DataError(f"eval_steps must be >= 1, got {eval_steps}")
     loader = ShardedLoader(data_dir, "val", seq_len, global_batch_size, EVAL_SEED, dp_rank, dp_size)
     return [loader.batch_for_step(s) for s in range(eval_steps)]
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / META_FILE
+def read_dataset_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / DATASET_META
     if not path.is_file():
-        raise ValueError(
+        raise DataError(
             f"{path} is missing; prepare writes it last, so the directory was not prepared or "
             f"preparation was interrupted: {PREPARE_HINT}"
         )
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {PREPARE_HINT}") from e
+        raise DataError(f"{path} is not valid JSON ({e}); {PREPARE_HINT}") from e
     if meta.get("dtype") != "uint16":
-        raise ValueError(f"{path} says dtype {meta.get('dtype')!r}; gpt3d reads uint16 ids")
+        raise DataError(f"{path} says dtype {meta.get('dtype')!r}; gpt3d reads uint16 ids")
     return meta
 
 
@@ -228,7 +223,7 @@ def check_token_ids(path: str | Path, vocab_size: int, chunk: int = 1 << 24) -> 
         bad = np.flatnonzero(tokens[start : start + chunk] >= vocab_size)
         if bad.size:
             pos = start + int(bad[0])
-            raise ValueError(
+            raise DataError(
                 f"{path}: token id {int(tokens[pos])} at position {pos} is >= the model's "
                 f"vocab_size {vocab_size}; the file was made with another tokenizer or is "
                 f"corrupted: {PREPARE_HINT}"
@@ -236,16 +231,17 @@ def check_token_ids(path: str | Path, vocab_size: int, chunk: int = 1 << 24) -> 
 
 
 def validate_dataset(
-    data_dir: str | Path, vocab_size: int, seq_len: int, scan_tokens: bool = True
+    data_dir: str | Path, vocab_size: int, seq_len: int, check_ids: bool = True
 ) -> dict:
-    """Check a prepared directory against the model before training; returns meta.json."""
+    """Check a prepared directory against the model before training; returns meta.json.
+    check_ids also scans every token id (rank 0 does it; the other ranks read the same files)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ValueError(f"data directory {data_dir} does not exist; {PREPARE_HINT}")
-    meta = read_meta(data_dir)
+        raise DataError(f"data directory {data_dir} does not exist; {PREPARE_HINT}")
+    meta = read_dataset_meta(data_dir)
     if meta.get("vocab_size") != vocab_size:
-        raise ValueError(
-            f"{data_dir / META_FILE} has vocab_size {meta.get('vocab_size')} but the model has "
+        raise DataError(
+            f"{data_dir / DATASET_META} has vocab_size {meta.get('vocab_size')} but the model has "
             f"vocab_size {vocab_size}; they must match (pad the embedding with the model's "
             "pad_vocab_multiple, not vocab_size), or prepare the data with the model's tokenizer"
         )
@@ -254,10 +250,10 @@ def validate_dataset(
         n_tokens = count_tokens(path, seq_len)
         expected = meta.get(f"{split}_tokens")
         if expected is not None and expected != n_tokens:
-            raise ValueError(
-                f"{path} has {n_tokens} tokens but {META_FILE} says {expected}; the files come "
+            raise DataError(
+                f"{path} has {n_tokens} tokens but {DATASET_META} says {expected}; the files come "
                 f"from different runs: {PREPARE_HINT}"
             )
-        if scan_tokens:
+        if check_ids:
             check_token_ids(path, vocab_size)
     return meta

@@ -14,11 +14,11 @@ from gpt3d.model import GPT
 def load_plain_model(path: str | os.PathLike) -> GPT:
     """A plain GPT in eval mode from a DCP checkpoint directory (step-N, any layout) or a
     Hugging Face GPT-2 directory / .safetensors file (e.g. recipes/export.py output)."""
-    from gpt3d.checkpoint_dir import META_FILE, TMP_SUFFIX, load_model_state_dict
+    from gpt3d.checkpoint_dir import CHECKPOINT_META, TMP_SUFFIX, load_model_state_dict
     from gpt3d.hf import load_hf
 
     path = Path(path)
-    if (path / META_FILE).is_file() or path.name.endswith(TMP_SUFFIX):  # DCP (.tmp: an error)
+    if (path / CHECKPOINT_META).is_file() or path.name.endswith(TMP_SUFFIX):  # DCP (.tmp: an error)
         cfg, sd = load_model_state_dict(path)
     else:
         cfg, sd = load_hf(path)

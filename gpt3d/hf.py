@@ -1,7 +1,9 @@
 """GPT-2 <-> Hugging Face mapping: names, shapes, config.json, safetensors files.
 
-Pure functions on full (unsharded) state dicts; distributed gathering/loading is the caller's
-job (checkpoint/export code). The two layouts differ in four ways:
+One conversion each way: to_hf_state_dict (export, full tensors) and LazyHFWeights (import:
+one gpt3d tensor per call, read straight from the safetensors file; init_from uses it so each
+rank reads only what it holds, load_hf for a whole model). One config reader: hf_config. The
+two layouts differ in four ways:
 
     gpt3d                                      HF GPT2LMHeadModel ("transformer." prefix)
     h.N.attn.{q,k,v}_proj.weight  3 x (C, C)   h.N.attn.c_attn.weight  (C, 3C) = cat(q,k,v).T
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from gpt3d.errors import CheckpointError
 from gpt3d.model import GPT, GPTConfig
 
 Tensor = torch.Tensor
@@ -71,22 +74,24 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
 def gpt_config_from_hf(hf_cfg: dict, *, pad_vocab_multiple: int = 1) -> GPTConfig:
     """GPTConfig from a transformers GPT-2 config.json dict (HF defaults for absent keys)."""
     if hf_cfg.get("model_type") != "gpt2":
-        raise ValueError(
+        raise CheckpointError(
             f"not a GPT-2 config: model_type={hf_cfg.get('model_type')!r}, need 'gpt2'"
         )
     missing = [
         k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf_cfg
     ]
     if missing:
-        raise ValueError(f"GPT-2 config.json lacks required keys {missing}")
+        raise CheckpointError(f"GPT-2 config.json lacks required keys {missing}")
     act = hf_cfg.get("activation_function", "gelu_new")
     if act not in _TANH_GELUS:
-        raise ValueError(f"activation_function={act!r} is not supported; gpt3d uses {_TANH_GELUS}")
+        raise CheckpointError(
+            f"activation_function={act!r} is not supported; gpt3d uses {_TANH_GELUS}"
+        )
     n_inner = hf_cfg.get("n_inner")
     if n_inner not in (None, 4 * hf_cfg["n_embd"]):
-        raise ValueError(f"n_inner={n_inner} is not supported; gpt3d's MLP is 4 * n_embd wide")
+        raise CheckpointError(f"n_inner={n_inner} is not supported; gpt3d's MLP is 4 * n_embd wide")
     if not hf_cfg.get("scale_attn_weights", True) or hf_cfg.get("scale_attn_by_inverse_layer_idx"):
-        raise ValueError("only standard 1/sqrt(head_dim) attention scaling is supported")
+        raise CheckpointError("only standard 1/sqrt(head_dim) attention scaling is supported")
     return GPTConfig(
         n_layer=hf_cfg["n_layer"],
         n_head=hf_cfg["n_head"],
@@ -103,7 +108,7 @@ def gpt_config_from_hf(hf_cfg: dict, *, pad_vocab_multiple: int = 1) -> GPTConfi
 
 def _check_representable(cfg: GPTConfig) -> None:
     if not cfg.bias:
-        raise ValueError(
+        raise CheckpointError(
             "bias=False models cannot be exported to Hugging Face GPT-2 (its Linear/LayerNorm "
             "layers always have biases); train with model.bias=true to export"
         )
@@ -145,7 +150,7 @@ def _check_shapes(sd: dict[str, Tensor], expected: dict, cfg: GPTConfig, what: s
     ]
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(
+        raise CheckpointError(
             f"this is not a {what} of shape n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
             f"block_size={cfg.block_size} vocab_size={cfg.vocab_size} "
             f"tie_embeddings={cfg.tie_embeddings}:\n  " + "\n  ".join(problems[:10]) + more
@@ -197,34 +202,6 @@ def _pad_rows(w: Tensor, rows: int) -> Tensor:
     return out
 
 
-def from_hf_state_dict(hf_sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
-    """HF GPT-2 state dict (with or without "transformer.") -> gpt3d state dict for `cfg`.
-
-    Every key and shape is checked before anything is converted. When tied, lm_head.weight is
-    the wte.weight tensor itself (like GPT(cfg).state_dict()); a stored lm_head is ignored."""
-    sd = _strip_hf(hf_sd)
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    _check_shapes(sd, _hf_shapes(cfg), cfg, "GPT-2 checkpoint")
-    Vp = cfg.padded_vocab_size
-    out = {"wte.weight": _pad_rows(sd["wte.weight"], Vp), "wpe.weight": _own(sd["wpe.weight"])}
-    for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        out |= {p + name: _own(sd[p + name]) for name in _LN}
-        # Conv1D (C, 3C) -> (3C, C) (out, in) -> q, k, v each (C, C); bias (3C,) -> 3 x (C,)
-        qkv_w = sd[p + "attn.c_attn.weight"].T.chunk(3, dim=0)
-        qkv_b = sd[p + "attn.c_attn.bias"].chunk(3, dim=0)
-        for x, w, b in zip("qkv", qkv_w, qkv_b, strict=True):
-            out[f"{p}attn.{x}_proj.weight"], out[f"{p}attn.{x}_proj.bias"] = _own(w), _own(b)
-        for name in _CONV1D:
-            out[f"{p}{name}.weight"] = _own(sd[f"{p}{name}.weight"].T)  # (in, out) -> (out, in)
-            out[f"{p}{name}.bias"] = _own(sd[f"{p}{name}.bias"])
-    out |= {"ln_f.weight": _own(sd["ln_f.weight"]), "ln_f.bias": _own(sd["ln_f.bias"])}
-    tied = cfg.tie_embeddings
-    out["lm_head.weight"] = out["wte.weight"] if tied else _pad_rows(sd["lm_head.weight"], Vp)
-    return out
-
-
 # ---------------------------------------------------------------------------- files
 
 
@@ -260,64 +237,54 @@ def _atomic_write(path: Path, write) -> None:
 def load_hf(
     path: str | os.PathLike, *, n_head: int | None = None, pad_vocab_multiple: int = 1
 ) -> tuple[GPTConfig, dict[str, Tensor]]:
-    """(GPTConfig, gpt3d state dict) from a HF GPT-2 directory (config.json + model.safetensors
-    or a sharded model.safetensors.index.json) or from a single .safetensors file, whose config
-    is inferred from shapes; n_head then comes from `n_head` or a config.json beside it."""
-    path = Path(path)
-    if path.is_dir():
-        files, cfg_file = _weight_files(path), path / "config.json"
-    elif path.is_file() and path.suffix == ".safetensors":
-        files, cfg_file = [path], path.parent / "config.json"
-    else:
-        raise ValueError(f"{path} is neither a directory nor a .safetensors file")
-    hf_sd = {}
-    for f in files:
-        try:
-            hf_sd |= load_file(f)
-        except Exception as e:  # safetensors' SafetensorError: header/format problems
-            raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
-    hf_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-    if path.is_dir() and hf_cfg is not None:
-        cfg = gpt_config_from_hf(hf_cfg, pad_vocab_multiple=pad_vocab_multiple)
-        if n_head is not None and n_head != cfg.n_head:
-            raise ValueError(f"n_head={n_head} contradicts n_head={cfg.n_head} in {cfg_file}")
-    else:
-        cfg = _infer_config(_strip_hf(hf_sd), path, n_head, hf_cfg, pad_vocab_multiple)
-    return cfg, from_hf_state_dict(hf_sd, cfg)
+    """(GPTConfig, full gpt3d state dict) from a HF GPT-2 directory or .safetensors file
+    (hf_config + LazyHFWeights: the same path init_from takes, all tensors at once)."""
+    cfg = hf_config(path, n_head=n_head, pad_vocab_multiple=pad_vocab_multiple)
+    weights = LazyHFWeights(path, cfg)
+    sd = {name: weights(name) for name in _gpt3d_shapes(cfg)}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["wte.weight"]  # one tensor, like GPT(cfg).state_dict()
+    return cfg, sd
 
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():  # sharded save_pretrained output (big models)
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map object")
+        names = sorted(set(map(str, weight_map.values())))
+        if any(Path(n).name != n for n in names):  # stay inside the directory
+            raise CheckpointError(f"{index} names files outside {directory}: {names}")
         return [directory / n for n in names]
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
-    raise ValueError(
+    raise CheckpointError(
         f"no model.safetensors in {directory} (pytorch_model.bin is not supported: re-save the "
         "model with save_pretrained(..., safe_serialization=True))"
     )
 
 
 def _infer_config(
-    sd: dict[str, Tensor], path: Path, n_head: int | None, hf_cfg: dict | None, pad: int
+    sd: dict[str, Tensor], path: Path, n_head: int | None, hf_cfg: dict | None, pad: int, tied
 ) -> GPTConfig:
-    """GPTConfig from tensor shapes; n_head (and ln eps) are not in the shapes."""
+    """GPTConfig from tensor shapes (meta tensors); n_head (and ln eps) are not in the
+    shapes. tied() says whether a stored lm_head equals wte (it reads both)."""
     if any(k not in sd or sd[k].ndim != 2 for k in ("wte.weight", "wpe.weight")):
         found = sorted(sd)[:5]
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a GPT-2 checkpoint: no wte.weight/wpe.weight (found {found})"
         )
     hf_cfg = hf_cfg if hf_cfg and hf_cfg.get("model_type") == "gpt2" else {}
     n_head = n_head or hf_cfg.get("n_head")
     if n_head is None:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot infer n_head from the shapes in {path}: pass n_head=... or put the "
             "model's config.json next to the file"
         )
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
     lm_head, wte = sd.get("lm_head.weight"), sd["wte.weight"]
-    tied = lm_head is None or (lm_head.shape == wte.shape and torch.equal(lm_head, wte))
+    tied = lm_head is None or (lm_head.shape == wte.shape and tied())
     cfg = GPTConfig(
         n_layer=max(layers, default=-1) + 1,
         n_head=n_head,
@@ -329,7 +296,7 @@ def _infer_config(
         ln_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
     )
     if cfg.n_embd % n_head:
-        raise ValueError(f"n_head={n_head} does not divide n_embd={cfg.n_embd} of {path}")
+        raise CheckpointError(f"n_head={n_head} does not divide n_embd={cfg.n_embd} of {path}")
     return cfg
 
 
@@ -346,7 +313,7 @@ def _header_shapes(files: list[Path]) -> dict[str, tuple[Path, Tensor]]:
                     shape = handle.get_slice(key).get_shape()
                     out[key] = (f, torch.empty(shape, device="meta"))
         except Exception as e:  # safetensors' SafetensorError: header/format problems
-            raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
+            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from e
     return out
 
 
@@ -370,8 +337,10 @@ class LazyHFWeights:
 
     def _read(self, name: str, index=None) -> Tensor:
         f, key = self.where[name]
+        if index is None:
+            return _read_stored(f, key)
         with safe_open(f, "pt") as handle:
-            return handle.get_slice(key)[index] if index is not None else handle.get_tensor(key)
+            return handle.get_slice(key)[index]
 
     def __call__(self, name: str, shape=None) -> Tensor:
         C, Vp = self.cfg.n_embd, self.cfg.padded_vocab_size
@@ -394,17 +363,39 @@ def hf_config(path: str | os.PathLike, *, n_head: int | None = None, pad_vocab_m
     config.json when present, else shapes from the safetensors header (n_head must be given)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path} does not exist; give a Hugging Face GPT-2 directory "
-                         "(config.json + model.safetensors) or a .safetensors file")  # fmt: skip
+        raise CheckpointError(
+            f"{path} does not exist; give a Hugging Face GPT-2 directory "
+            "(config.json + model.safetensors) or a .safetensors file"
+        )
     if not path.is_dir() and path.suffix != ".safetensors":
-        raise ValueError(f"{path} is neither a directory nor a .safetensors file")
+        raise CheckpointError(f"{path} is neither a directory nor a .safetensors file")
     cfg_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    hf_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+    hf_cfg = _read_json(cfg_file) if cfg_file.is_file() else None
     if hf_cfg is not None and hf_cfg.get("model_type") == "gpt2":
         cfg = gpt_config_from_hf(hf_cfg, pad_vocab_multiple=pad_vocab_multiple)
         if n_head is not None and n_head != cfg.n_head:
-            raise ValueError(f"n_head={n_head} contradicts n_head={cfg.n_head} in {cfg_file}")
+            raise CheckpointError(f"n_head={n_head} contradicts n_head={cfg.n_head} in {cfg_file}")
         return cfg
     header = _header_shapes(_weight_files(path) if path.is_dir() else [path])
     shapes = _strip_hf({k: t for k, (_, t) in header.items()})
-    return _infer_config(shapes, path, n_head, hf_cfg, pad_vocab_multiple)
+
+    def tied() -> bool:
+        where = {k.removeprefix("transformer."): (f, k) for k, (f, _) in header.items()}
+        return torch.equal(*(_read_stored(*where[n]) for n in ("lm_head.weight", "wte.weight")))
+
+    return _infer_config(shapes, path, n_head, hf_cfg, pad_vocab_multiple, tied)
+
+
+def _read_stored(file: Path, key: str) -> Tensor:
+    with safe_open(file, "pt") as handle:
+        return handle.get_tensor(key)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data

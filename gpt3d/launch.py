@@ -1,29 +1,18 @@
-"""Entry-point plumbing shared by the recipes: default config, rank-aware logging, and one
-clear error message + clean exit code instead of a hang or eight tracebacks."""
+"""Entry-point plumbing for the recipes: rank-aware logging, preemption signals, the torchrun
+restart warning, and one clear error message + exit code instead of a hang or eight
+tracebacks."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SINGLE_PROCESS_CONFIG = str(REPO / "recipes/configs/shakespeare.toml")
-MULTI_PROCESS_CONFIG = str(REPO / "recipes/configs/tp2_pp2.toml")  # 4 processes: tp2 x pp2
-
-EXIT_USER_ERROR = 2  # bad config/layout/plan/data/checkpoint
-EXIT_DIVERGED = 3  # loss became NaN/Inf
+EXIT_USER_ERROR = 2  # gpt3d.errors.UserError: bad config/layout/plan/data/checkpoint
+EXIT_DIVERGED = 3  # gpt3d.errors.TrainingDiverged: loss or parameters became NaN/Inf
 UNIFORM_ERROR_GRACE_S = 5.0
-
-
-def with_default_config(argv: list[str]) -> list[str]:
-    """No --config given: shakespeare.toml for one process, the tp2 x pp2 recipe for more."""
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        return argv
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    return ["--config", SINGLE_PROCESS_CONFIG if world == 1 else MULTI_PROCESS_CONFIG, *argv]
 
 
 class Logger:
@@ -42,14 +31,60 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+# ---------------------------------------------------------------- preemption and restarts
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT set a flag that the training loop checks between steps; a second
+    SIGINT aborts at once. Install from the main thread."""
+
+    def __init__(self):
+        self.received = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_any_rank(self) -> bool:
+        """True on every rank once any rank got a signal (ranks may get it a step apart)."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return bool(self.received)
+        # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(bool(self.received))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def warn_if_restarts_may_hang(log) -> None:
+    """torchrun --max-restarts with the shared rendezvous store hangs in torch 2.13."""
+    env = os.environ
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+    if restarts and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log(
+            "warning: torchrun --max-restarts with the shared rendezvous TCPStore reuses "
+            "stale keys on restart and can hang in torch 2.13 (pytorch#135712); launch "
+            "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+        )
+
+
+# ---------------------------------------------------------------- errors and exit codes
+
+
 def report_error(exc: BaseException) -> int:
     """Print one readable message and return the exit code.
 
-    User errors (ValueError) raised before any process group exists are the same on every
-    rank, so only rank 0 prints them; anything later is printed by each failing rank."""
+    User errors raised before any process group exists are the same on every rank, so only
+    rank 0 prints them; anything later is printed by each failing rank."""
     import torch.distributed as dist
 
-    from gpt3d.trainer import TrainingDiverged
+    from gpt3d.errors import TrainingDiverged, UserError
 
     # Same on every rank: checks before any process group exists, and the (all-reduced) loss.
     uniform = isinstance(exc, TrainingDiverged) or not (
@@ -58,7 +93,7 @@ def report_error(exc: BaseException) -> int:
     who = "" if uniform else f"[rank {_rank()}] "
     if isinstance(exc, TrainingDiverged):
         code, text = EXIT_DIVERGED, f"{who}error: {exc}"
-    elif isinstance(exc, ValueError):
+    elif isinstance(exc, UserError):
         code, text = EXIT_USER_ERROR, f"{who}error: {exc}"
     else:  # a bug or a dead peer: one line per failing rank, the traceback for torchrun
         code, uniform = 1, False

@@ -39,7 +39,7 @@ def loss_parallel_context(enabled: bool) -> contextlib.AbstractContextManager:
     return loss_parallel()
 
 
-def to_float(loss: Tensor) -> Tensor:
-    """Loss as a plain local tensor (a Replicate DTensor under loss parallel)."""
+def detached_local(loss: Tensor) -> Tensor:
+    """The loss as a detached plain tensor (it is a Replicate DTensor under loss parallel)."""
     full = getattr(loss, "full_tensor", None)
     return (full() if full is not None else loss).detach()

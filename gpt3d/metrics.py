@@ -50,6 +50,15 @@ def device_peak_flops(device: torch.device, peak_tflops: float, cpu_peak_tflops:
     return cpu_peak_tflops * 1e12
 
 
+def progress_meter(run, env, log, writer: MetricsWriter) -> ProgressMeter:
+    """The ProgressMeter of a run on this process's device (MFU over all world_size devices)."""
+    t, m = run.config.training, run.config.metrics
+    tokens = t.global_batch_size * t.seq_len
+    flops = flops_per_token(run.model, t.seq_len) * tokens
+    peak = device_peak_flops(env.device, m.peak_tflops, m.cpu_peak_tflops) * env.world_size
+    return ProgressMeter(log, writer, t, tokens, flops, peak, env.device)
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated device memory (GPU) or peak resident set size of this process (CPU)."""
     if device.type == "cuda":
@@ -101,16 +110,24 @@ def _tensorboard_writer(log_dir: Path):
 
 class ProgressMeter:
     """Times training between log lines; turns each logged step into one metrics record
-    (metrics.jsonl / TensorBoard) and one log line with tokens/s, MFU, memory and ETA."""
+    (metrics.jsonl / TensorBoard) and one log line with tokens/s, MFU, memory and ETA.
 
-    def __init__(self, trainer, log, writer: MetricsWriter):
-        cfg, env = trainer.cfg, trainer.env
-        m = cfg.metrics
-        self.log, self.writer, self.env = log, writer, env
-        self.interval, self.total = cfg.training.log_interval, cfg.training.steps
-        self.tokens = trainer.tokens_per_step()
-        self.flops = flops_per_token(trainer.gpt, cfg.training.seq_len) * self.tokens
-        self.peak = device_peak_flops(env.device, m.peak_tflops, m.cpu_peak_tflops) * env.world_size
+    flops_per_step: model FLOPs of one optimizer step (flops_per_token x tokens);
+    peak_flops: the peak of every device together, for MFU."""
+
+    def __init__(
+        self,
+        log,
+        writer: MetricsWriter,
+        training,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak_flops: float,
+        device: torch.device,
+    ):
+        self.log, self.writer, self.device = log, writer, device
+        self.interval, self.total = training.log_interval, training.steps
+        self.tokens, self.flops, self.peak = tokens_per_step, flops_per_step, peak_flops
         self.tick = time.perf_counter()
 
     def step(self, step: int, stats) -> None:
@@ -127,7 +144,7 @@ class ProgressMeter:
             "tokens_per_sec": self.tokens / dt,
             "step_time_s": dt,
             "mfu": self.flops / dt / self.peak,
-            "memory_gib": peak_memory_gib(self.env.device),
+            "memory_gib": peak_memory_gib(self.device),
         }
         self.log(
             f"step {step:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt3d.data import META_FILE, TOKEN_DTYPE
+from gpt3d.data import DATASET_META, TOKEN_DTYPE
+from gpt3d.errors import DataError
 from gpt3d.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 
 SPLIT_BY = ("auto", "documents", "tokens")
@@ -36,14 +37,14 @@ def find_text_files(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.rglob("*.txt") if p.is_file())
             if not found:
-                raise ValueError(f"directory {item} has no *.txt files; pass text files or dirs")
+                raise DataError(f"directory {item} has no *.txt files; pass text files or dirs")
             files += found
         elif item.is_file():
             files.append(item)
         else:
-            raise ValueError(f"input {item} does not exist; pass text files or directories")
+            raise DataError(f"input {item} does not exist; pass text files or directories")
     if not files:
-        raise ValueError("no inputs: pass text files or directories (or --hf-dataset NAME)")
+        raise DataError("no inputs: pass text files or directories (or --hf-dataset NAME)")
     return files
 
 
@@ -53,7 +54,7 @@ def read_texts(files: Iterable[Path]) -> Iterator[str]:
         try:
             yield path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 ({e}); convert it, e.g. with iconv") from e
+            raise DataError(f"{path} is not UTF-8 ({e}); convert it, e.g. with iconv") from e
 
 
 def hf_texts(
@@ -63,7 +64,7 @@ def hf_texts(
     try:
         import datasets
     except ImportError as e:
-        raise ValueError("--hf-dataset needs the `datasets` package: pip install datasets") from e
+        raise DataError("--hf-dataset needs the `datasets` package: pip install datasets") from e
     rows = datasets.load_dataset(name, config, split=split, streaming=True)
     return (row[text_field] for row in itertools.islice(rows, limit))
 
@@ -92,7 +93,7 @@ def tokenize_joined(
                     f"{(sum(lengths) + len(lengths) - 1) / 1e6:,.1f}M tokens, {mb / s:.1f} MB/s"
                 )
     if sum(lengths) == 0:
-        raise ValueError(f"the inputs hold no text ({len(lengths)} documents, 0 tokens)")
+        raise DataError(f"the inputs hold no text ({len(lengths)} documents, 0 tokens)")
     return lengths
 
 
@@ -159,9 +160,9 @@ def prepare(
 ) -> dict:
     """Tokenize documents into out_dir/{train.bin, val.bin, meta.json}; returns the meta."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if split_by not in SPLIT_BY:
-        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+        raise DataError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = {k: out / f".{k}.tmp-{os.getpid()}" for k in ("joined", "train", "val", "meta")}
@@ -170,23 +171,31 @@ def prepare(
         if split_by == "auto":
             split_by = "documents" if len(lengths) > 1 else "tokens"
         if split_by == "documents" and len(lengths) < 2:
-            raise ValueError("split_by='documents' needs >= 2 documents; use split_by='tokens'")
+            raise DataError("split_by='documents' needs >= 2 documents; use split_by='tokens'")
         n_train, n_val, n_val_docs = split_files(
             tmp["joined"], lengths, split_by, val_fraction, seed, tmp["train"], tmp["val"]
         )
         if n_train == 0 or n_val == 0:
-            raise ValueError(f"too little text: {n_train} train and {n_val} val tokens")
+            raise DataError(f"too little text: {n_train} train and {n_val} val tokens")
         meta = {
-            "tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID, "dtype": "uint16",
-            "train_tokens": n_train, "val_tokens": n_val, "documents": len(lengths),
-            "val_documents": n_val_docs, "split_by": split_by, "val_fraction": val_fraction,
-            "seed": seed, "source": source,
-        }  # fmt: skip
+            "tokenizer": "gpt2",
+            "vocab_size": VOCAB_SIZE,
+            "eot_id": EOT_ID,
+            "dtype": "uint16",
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "documents": len(lengths),
+            "val_documents": n_val_docs,
+            "split_by": split_by,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "source": source,
+        }
         tmp["meta"].write_text(json.dumps(meta, indent=2) + "\n")
-        (out / META_FILE).unlink(missing_ok=True)  # no meta.json while .bin files change
+        (out / DATASET_META).unlink(missing_ok=True)  # no meta.json while .bin files change
         os.replace(tmp["train"], out / "train.bin")
         os.replace(tmp["val"], out / "val.bin")
-        os.replace(tmp["meta"], out / META_FILE)
+        os.replace(tmp["meta"], out / DATASET_META)
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ def export(argv: list[str]) -> int:
 
     from gpt3d.checkpoint_dir import find_checkpoint, load_model_state_dict
     from gpt3d.hf import save_hf
-    from gpt3d.pretrained import describe
+    from gpt3d.model import describe
 
     args = parse_args(argv)
     t0 = time.perf_counter()

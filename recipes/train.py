@@ -1,48 +1,59 @@
 """Train a GPT on any dp x pp x tp layout. The same script runs one process or many:
 
-    python recipes/train.py                                   # 1 process, debug-sized
-    torchrun --standalone --nproc_per_node=4 recipes/train.py # tp2 x pp2 (the default config)
+    python recipes/train.py                                   # 1 process: shakespeare.toml
+    torchrun --standalone --nproc_per_node=4 recipes/train.py # tp2 x pp2: tp2_pp2.toml
     torchrun --nproc_per_node=8 recipes/train.py --config recipes/configs/dp2_pp2_tp2.toml
     python recipes/train.py --help                            # every config field
 
-Config: recipes/configs/*.toml plus --section.key=value overrides.
+Config: recipes/configs/*.toml plus --section.key=value overrides. The flow:
+config -> preflight (every check) -> Trainer (mesh, parallelize, optimizer) -> loop
+(train_step, eval, checkpoint, metrics).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+RECIPES = Path(__file__).resolve().parent
+sys.path.insert(0, str(RECIPES.parent))  # run from a source checkout
 
-from gpt3d.launch import Logger, guarded_main, with_default_config  # noqa: E402
+from gpt3d.launch import Logger, guarded_main  # noqa: E402
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    """No --config given: shakespeare.toml for one process, the tp2 x pp2 recipe for more."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    name = "shakespeare.toml" if int(os.environ.get("WORLD_SIZE", 1)) == 1 else "tp2_pp2.toml"
+    return ["--config", str(RECIPES / "configs" / name), *argv]
 
 
 def train(argv: list[str]) -> int:
-    from gpt3d.checkpoint import Checkpointer, StopOnSignal, resolve_resume
+    from gpt3d.checkpoint import Checkpointer
     from gpt3d.config import load_config
-    from gpt3d.metrics import MetricsWriter, ProgressMeter, plot_loss_curve
-    from gpt3d.pretrained import describe, init_from_pretrained
+    from gpt3d.launch import StopOnSignal, warn_if_restarts_may_hang
+    from gpt3d.metrics import MetricsWriter, plot_loss_curve, progress_meter
+    from gpt3d.parallel.utils import dist_env
+    from gpt3d.preflight import preflight
     from gpt3d.trainer import Trainer
 
-    cfg = load_config(with_default_config(argv))
-    pretrained = init_from_pretrained(cfg)  # checkpoint.init_from: its shape, lazy weights
-    resume = resolve_resume(cfg)  # a verified checkpoint (or None), before any collective
-    trainer = Trainer(cfg, weights=None if resume else pretrained)
-    t, env = cfg.training, trainer.env
+    env = dist_env()
+    run = preflight(load_config(with_default_config(argv)), env.world_size, env.rank)
+    cfg, t = run.config, run.config.training
     log = Logger(env.rank, cfg.job.log_all_ranks)
-    ckpt = Checkpointer(trainer, log)
-    if pretrained is not None:
-        log(f"init from {cfg.checkpoint.init_from}: {describe(pretrained.cfg)}")
-    if resume is not None:
-        ckpt.load(resume)
+    warn_if_restarts_may_hang(log)
+    trainer = Trainer(run)
+    ckpt = Checkpointer(run, trainer.parts, trainer.optimizer, trainer.loader, trainer.state, log)
+    if run.resume is not None:
+        ckpt.load(run.resume)
     metrics = MetricsWriter(cfg.job.output_dir, env.is_main, cfg.metrics.tensorboard)
-    meter = ProgressMeter(trainer, log, metrics)
+    meter = progress_meter(run, env, log, metrics)
     log(
-        f"layout {trainer.dims.describe()} on {env.world_size} x {env.device.type}; "
-        f"model {trainer.gpt.n_layer}L/{trainer.gpt.n_embd}d; {t.steps} steps of "
-        f"{trainer.tokens_per_step()} tokens"
+        f"{run.describe()}; {env.world_size} x {env.device.type}; "
+        f"{t.steps} steps of {trainer.tokens_per_step()} tokens"
     )
     start, first_step, loss = time.perf_counter(), trainer.step, float("nan")
     stop = StopOnSignal()  # SIGTERM/SIGINT: save at the next step boundary, then exit 0

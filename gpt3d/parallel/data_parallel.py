@@ -31,16 +31,18 @@ def apply_data_parallel(
     if dmesh is None:
         return
     # bf16 compute, fp32 gradient reduction; master weights stay fp32.
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if mode == "ddp":
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         def wrap(m):
-            return replicate(m, mesh=dmesh, mp_policy=mp)
+            return replicate(m, mesh=dmesh, mp_policy=mp_policy)
     else:
         # Under pipelining each block runs once per microbatch: keep it unsharded between.
         def wrap(m):
-            return fully_shard(m, mesh=dmesh, mp_policy=mp, reshard_after_forward=not pipelined)
+            return fully_shard(
+                m, mesh=dmesh, mp_policy=mp_policy, reshard_after_forward=not pipelined
+            )
 
     for block in model.h.values():
         wrap(block)

@@ -1,6 +1,8 @@
-"""Tensor-parallel plan files: TOML -> validated rules -> the dict parallelize_module takes.
+"""Tensor parallelism: a plan file (TOML) -> validated rules -> parallelize_module.
 
-A plan file maps module-name globs to parallel styles:
+gpt3d ships its plans as package data (gpt3d/plans/*.toml): parallel.plan = "gpt_tp" (the
+default) or "gpt_tp_sp" (sequence parallel) names one of them; any other value is a path to
+your own file. A plan file maps module-name globs to parallel styles:
 
     [modules."h.*.attn.q_proj"]
     style = "colwise"                      # colwise | rowwise | sequence_parallel |
@@ -25,6 +27,11 @@ from pathlib import Path
 
 from torch import nn
 
+from gpt3d.errors import PlanError
+
+PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"  # package data
+DEFAULT_PLAN, DEFAULT_SP_PLAN = "gpt_tp", "gpt_tp_sp"
+
 LAYOUT_RE = re.compile(r"^\s*(replicate|shard\s*\(\s*(-?\d+)\s*\))\s*$", re.IGNORECASE)
 
 # style -> allowed keys (besides "style") -> the torch class name and its keyword names.
@@ -35,10 +42,6 @@ STYLE_KEYS = {
     "prepare_module_input": {"input_layouts", "desired_input_layouts", "use_local_output"},
     "prepare_module_output": {"output_layouts", "desired_output_layouts", "use_local_output"},
 }
-
-
-class PlanError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,29 @@ class Rule:
         return len(pattern) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pattern))
 
 
+def plan_path(plan: str, sequence_parallel: bool) -> Path:
+    """parallel.plan -> the file: "" = the default for (no) sequence parallelism, a bare name
+    = a plan shipped in gpt3d/plans, anything else = a path (relative to the cwd)."""
+    plan = plan or (DEFAULT_SP_PLAN if sequence_parallel else DEFAULT_PLAN)
+    if "/" not in plan and not plan.endswith(".toml"):
+        shipped = sorted(p.stem for p in PLANS_DIR.glob("*.toml"))
+        if plan not in shipped:
+            raise PlanError(
+                f"parallel.plan={plan!r} is not a shipped plan ({shipped}) nor a "
+                "path to a .toml file"
+            )
+        return PLANS_DIR / f"{plan}.toml"
+    return Path(plan)
+
+
 def load_plan(path: str | Path) -> list[Rule]:
     """Read and check a plan file's syntax (styles, keys, layouts)."""
     path = Path(path)
     if not path.is_file():
-        raise PlanError(f"plan file {str(path)!r} does not exist; set parallel.plan to a file")
+        raise PlanError(
+            f"plan file {str(path)!r} not found (from {Path.cwd()}); set parallel.plan to an "
+            "existing file or a shipped plan name (gpt_tp, gpt_tp_sp)"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -106,6 +127,32 @@ def check_plan_matches(rules: list[Rule], module_names: list[str], path) -> None
                 f"plan file {path}: glob {rule.glob!r} matches no module of the model; "
                 f"closest module names: {close or sorted(module_names)[:5]}"
             )
+
+
+def load_checked_plan(plan: str, sequence_parallel: bool, module_names: list[str]) -> list[Rule]:
+    """parallel.plan -> rules, syntax-checked and with every glob matching a module name."""
+    path = plan_path(plan, sequence_parallel)
+    rules = load_plan(path)
+    check_plan_matches(rules, module_names, path)
+    return rules
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, rules: list[Rule], loss_parallel: bool):
+    """parallelize_module with this stage's entries of the plan, then re-tie wte/lm_head
+    (parallelize_module replaces both parameters, silently untying them)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    plan = plan_for(rules, model, loss_parallel)
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    retie_embeddings(model)
+
+
+def retie_embeddings(model: nn.Module) -> None:
+    """Point lm_head.weight back at wte.weight when the model ties them and holds both."""
+    both = model.wte is not None and model.lm_head is not None
+    if model.config.tie_embeddings and both and model.lm_head.weight is not model.wte.weight:
+        model.lm_head.weight = model.wte.weight
 
 
 def plan_for(rules: list[Rule], model: nn.Module, loss_parallel: bool) -> dict:

@@ -18,8 +18,7 @@ from torch import Tensor
 class DistEnv:
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
+    device: torch.device  # cuda:LOCAL_RANK or cpu
 
     @property
     def is_main(self) -> bool:
@@ -33,7 +32,7 @@ def dist_env() -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    return DistEnv(rank, world, local, device)
+    return DistEnv(rank, world, device)
 
 
 def init_process_group(env: DistEnv, timeout_s: float) -> None:
@@ -50,8 +49,9 @@ def init_process_group(env: DistEnv, timeout_s: float) -> None:
 
 
 def clean_exit(code: int) -> None:
-    """End a distributed entry point without the random SIGABRT at interpreter exit
-    (see TORCH_CPU_NOTES): barrier, destroy the group, flush, then os._exit."""
+    """End a distributed entry point without the random SIGABRT at interpreter exit (torch
+    2.13 on gloo aborts 3-7 of 8 trivial runs otherwise; docs/torch_notes.md): barrier,
+    destroy the group, flush, then os._exit."""
     if dist.is_initialized():
         if code == 0:
             dist.barrier()
@@ -109,6 +109,14 @@ def _device_of(params: list[Tensor]) -> torch.device:
     for p in params:
         return p.device
     return torch.device("cpu")
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """True when every element of every tensor is finite on every rank (collective)."""
+    ok = torch.stack([local_tensor(t).isfinite().all() for t in tensors]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok.item() == 1.0
 
 
 def clip_grads_(params: list[Tensor], max_norm: float, pp_group=None, norm_params=None) -> float:

@@ -18,7 +18,6 @@ Faults (real signals, for the crash and preemption tests):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -33,16 +32,10 @@ sys.path.insert(0, str(REPO))
 from gpt3d.data import ShardedLoader  # noqa: E402
 from gpt3d.launch import guarded_main  # noqa: E402
 from gpt3d.trainer import Trainer  # noqa: E402
+from tests.helpers import recipe  # noqa: E402
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 RANK = int(os.environ.get("RANK", 0))
-
-
-def load_train():
-    spec = importlib.util.spec_from_file_location("train_recipe", REPO / "recipes/train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.train
 
 
 ORIGINAL = {"next_batch": ShardedLoader.next_batch, "train_step": Trainer.train_step}
@@ -99,21 +92,20 @@ def inject_faults(faults: dict) -> None:
 def hf_logits(args: list[str], out: Path) -> None:
     from gpt3d.config import load_config
     from gpt3d.loss import loss_parallel_context
-    from gpt3d.pretrained import init_from_pretrained
 
-    cfg = load_config(args)
-    trainer = Trainer(cfg, weights=init_from_pretrained(cfg))
+    trainer = Trainer.from_config(load_config(args))  # checkpoint.init_from in args
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(trainer.gpt.vocab_size, (4, cfg.training.seq_len), generator=g)
-    trainer.model.train(False)
+    x = torch.randint(trainer.model_cfg.vocab_size, (4, trainer.cfg.training.seq_len), generator=g)
+    parts = trainer.parts
+    parts.train(False)
     with torch.no_grad(), loss_parallel_context(trainer.loss_parallel):
-        if trainer.model.schedule is None:
-            logits = trainer.model.parts[0](x)
+        if parts.schedule is None:
+            logits = parts.chunks[0](x)
         else:
-            first = (x,) if trainer.model.has_first else ()
-            target = x if trainer.model.has_last else None
-            logits = trainer.model.schedule.eval(*first, target=target, losses=[])
-    if trainer.model.has_last:
+            first = (x,) if parts.has_first else ()
+            target = x if parts.has_last else None
+            logits = parts.schedule.eval(*first, target=target, losses=[])
+    if parts.has_last:
         logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
         mesh = trainer.mesh
         if mesh is None or (trainer.dp_rank == 0 and mesh["tp"].get_local_rank() == 0):
@@ -123,7 +115,7 @@ def hf_logits(args: list[str], out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     cases = json.loads(Path(argv[0]).read_text())
-    train = load_train()
+    train = recipe("train")
     for name, case in cases.items():
         out = Path(argv[1]) / name
         if case["kind"] == "hf_logits":

@@ -8,7 +8,6 @@ Usage: torchrun --nproc_per_node=N features_worker.py <cases.json> <out_dir>
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gpt3d.launch import guarded_main  # noqa: E402
 from tests.distributed.parity_worker import run_case  # noqa: E402
+from tests.helpers import cases_main  # noqa: E402
 
 
 def fail_on_recompile_after_first_step(trainer) -> None:
@@ -25,13 +25,10 @@ def fail_on_recompile_after_first_step(trainer) -> None:
         torch.compiler.set_stance("fail_on_recompile")
 
 
-def main(argv: list[str]) -> int:
-    cases = json.loads(Path(argv[0]).read_text())
-    for name, args in cases.items():
-        run_case(args, Path(argv[1]) / name, after_step=fail_on_recompile_after_first_step)
-        torch.compiler.set_stance("default")  # the next case compiles its own blocks
-    return 0
+def run_feature_case(args: list[str], out: Path) -> None:
+    run_case(args, out, after_step=fail_on_recompile_after_first_step)
+    torch.compiler.set_stance("default")  # the next case compiles its own blocks
 
 
 if __name__ == "__main__":
-    guarded_main(main, sys.argv[1:])
+    guarded_main(cases_main(run_feature_case), sys.argv[1:])

@@ -11,7 +11,6 @@ cases.json: {"case name": ["--section.key=value", ...], ...}
 from __future__ import annotations
 
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from gpt3d.config import load_config  # noqa: E402
 from gpt3d.launch import guarded_main  # noqa: E402
 from gpt3d.trainer import Trainer  # noqa: E402
+from tests.helpers import cases_main  # noqa: E402
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def named_full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
     """Full tensors of this rank's parameters (collective over each parameter's mesh)."""
     out = {}
-    for part in trainer.model.parts:
-        for name, p in part.named_parameters():
+    for chunk in trainer.parts.chunks:
+        for name, p in chunk.named_parameters():
             t = p.grad if grads else p
             if t is not None:
                 out[name] = full(t)
@@ -41,7 +41,7 @@ def named_full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
 
 def run_case(args: list[str], out: Path, after_step=None) -> None:
     """after_step(trainer), if given, runs after every optimizer step."""
-    trainer = Trainer(load_config(args))
+    trainer = Trainer.from_config(load_config(args))
     losses, norms, grads = [], [], {}
     for _ in range(trainer.cfg.training.steps):
         stats = trainer.train_step()
@@ -63,12 +63,5 @@ def run_case(args: list[str], out: Path, after_step=None) -> None:
     gc.collect()
 
 
-def main(argv: list[str]) -> int:
-    cases = json.loads(Path(argv[0]).read_text())
-    for name, args in cases.items():
-        run_case(args, Path(argv[1]) / name)
-    return 0
-
-
 if __name__ == "__main__":
-    guarded_main(main, sys.argv[1:])
+    guarded_main(cases_main(run_case), sys.argv[1:])

@@ -17,7 +17,6 @@ several scenarios per launch, so the launch cost is paid 5 times in all):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import signal
@@ -29,18 +28,33 @@ import pytest
 import torch
 
 from gpt3d.checkpoint_dir import load_model_state_dict, verify
-from tests.helpers import REPO, TORCHRUN, env, make_dataset, read_jsonl, run_script
+from tests.helpers import (
+    PARITY_MODEL,
+    REPO,
+    TORCHRUN,
+    env,
+    launch_per_world,
+    make_dataset,
+    read_jsonl,
+    recipe,
+    run_script,
+)
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+# 5 launches in the module fixture (~55 s here), each bounded at 400 s.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+    pytest.mark.slow,
+    pytest.mark.distributed,
+    pytest.mark.timeout(1800),
+]
 WORKER = "tests/distributed/checkpoint_worker.py"
 STEPS, SAVE_AT, G = 8, 4, 16
 BASE = [
-    "--model.preset=tiny", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=64",
-    "--model.block_size=32", "--model.vocab_size=512", "--model.pad_vocab_multiple=1",
-    "--training.seq_len=32", f"--training.global_batch_size={G}", f"--training.steps={STEPS}",
-    "--training.warmup_steps=1", "--training.lr=3e-4", "--training.min_lr=3e-5",
-    "--training.eval_interval=0", "--training.log_interval=1", "--metrics.plot=false",
-]  # fmt: skip
+    *PARITY_MODEL,  # global batch G = 16
+    f"--training.steps={STEPS}",
+    "--training.log_interval=1",
+    "--metrics.plot=false",
+]
 HF_SHAPE = dict(n_layer=4, n_head=4, n_embd=64, n_positions=32, vocab_size=512)
 
 
@@ -114,15 +128,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     data, hf = make_dataset(root / "data"), root / "hf_gpt2"
     save_hf_model(hf)
-    procs = {}
-    for world, cases in cases_for(root, data, hf).items():  # 8 first: the others resume from it
-        spec = root / f"cases{world}.json"
-        spec.write_text(json.dumps(cases))
-        procs[world] = run_script(WORKER, [spec, root / "out"], nproc=world, timeout=400)
+    # world 8 launches first: the other launches resume from its step-4 checkpoint
+    procs = launch_per_world(WORKER, cases_for(root, data, hf), root)
     out = f"--job.output_dir={root / 'fault'}"
     args = [*BASE, f"--data.dataset={data}", out, *FAULT_ARGS, "--checkpoint.resume=auto"]
-    (root / "fault.json").write_text(json.dumps({"fault": {"kind": "train", "args": args,
-                                                           "faults": FAULTS}}))  # fmt: skip
+    (root / "fault.json").write_text(
+        json.dumps({"fault": {"kind": "train", "args": args, "faults": FAULTS}})
+    )
     # torch 2.13's shared rendezvous store keeps stale keys across restarts: workers of the
     # next attempt can read dead peers' addresses and hang (pytorch#135712). Opt out.
     restarts = ["--max-restarts=2", "--monitor-interval=0.5"]
@@ -154,7 +166,6 @@ def drawn(out_dir: Path, attempt: int | None = None) -> list[list[int]]:
     return [sum((by_dp[d][i] for d in dps), []) for i in range(len(by_dp[dps[0]]))]
 
 
-@pytest.mark.timeout(1200)
 def test_launches_succeed(runs):
     _, procs = runs
     for proc in procs.values():
@@ -241,7 +252,7 @@ def test_finetuned_export_loads_in_transformers(runs, tmp_path):
     ok(procs[4])
     assert "init from" in procs[4].stdout and "4 layers, 4 heads, n_embd 64" in procs[4].stdout
     ckpt = root / "finetune_1_2_2" / "checkpoints" / "step-2"
-    export = load_recipe("export")
+    export = recipe("export")
     assert export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = load_plain_model(ckpt)
@@ -259,23 +270,21 @@ def test_finetuned_export_loads_in_transformers(runs, tmp_path):
     assert abs(losses(root / "finetune_1_2_2")[1] - hf_loss) < 1e-4
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-@pytest.mark.timeout(300)
 def test_sigterm_to_torchrun_saves_and_workers_exit_cleanly(tmp_path):
     """Cluster preemption: torchrun gets SIGTERM and forwards it; the workers finish the
     step they are in, save it, and exit 0 (torchrun itself still reports the signal)."""
     data = make_dataset(tmp_path / "data")
-    args = [*BASE, f"--data.dataset={data}", f"--job.output_dir={tmp_path / 'run'}",
-            "--training.steps=100000", *layout(1, 2, 1)]  # fmt: skip
+    args = [
+        *BASE,
+        f"--data.dataset={data}",
+        f"--job.output_dir={tmp_path / 'run'}",
+        "--training.steps=100000",
+        *layout(1, 2, 1),
+    ]
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "recipes/train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 200
     while not (metrics.exists() and len(read_jsonl(metrics)) >= 3) and time.time() < deadline:

@@ -6,6 +6,8 @@ import pytest
 
 from tests.helpers import read_jsonl, run_script
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 CONFIG = "recipes/configs/dp2_pp2_tp2.toml"
 SHORT = [
     "--training.steps=20",

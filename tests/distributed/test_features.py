@@ -16,14 +16,15 @@ initial weights on the same batches as the 1-process fp32 reference.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.distributed.test_parity import BASE, STEPS, merged, pp
-from tests.helpers import make_dataset, run_script
+from tests.distributed.test_parity import BASE, STEPS, merged
+from tests.helpers import failed, launch_per_world, make_dataset
+from tests.helpers import pp_args as pp
 
+# 5 launches in the module fixture (~55 s here, the compile one pays a cold inductor compile)
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1800)]
 WORKER = "tests/distributed/features_worker.py"
 TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
 AC_FULL = "--training.activation_checkpointing=full"
@@ -67,15 +68,7 @@ def runs(tmp_path_factory):
     for name, (world, layout) in {**EXACT, **BF16_CASES}.items():
         launches.setdefault(world, {})[name] = [f"--data.dataset={data}", *BASE, *layout]
     inductor = {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
-    failures = {}
-    for world, cases in launches.items():
-        spec = root / f"cases{world}.json"
-        spec.write_text(json.dumps(cases))
-        nproc = abs(world)
-        proc = run_script(WORKER, [spec, root / "out"], nproc=nproc, timeout=400, env=inductor)
-        if proc.returncode != 0:
-            failures[world] = proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root / "out", failures
+    return root / "out", failed(launch_per_world(WORKER, launches, root, env=inductor))
 
 
 def _load(runs, name: str, world: int) -> tuple[dict, dict]:
@@ -93,7 +86,6 @@ def _same_names(kind: str, got: dict, ref: dict):
         yield name, value, ref[kind]["wte.weight" if name == "lm_head.weight" else name]
 
 
-@pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", list(EXACT))
 def test_fp32_feature_is_exact(runs, case):
     ref, got = _load(runs, case, EXACT[case][0])
@@ -105,7 +97,6 @@ def test_fp32_feature_is_exact(runs, case):
             torch.testing.assert_close(value, expected, atol=atol, rtol=0, msg=f"{kind} {name}")
 
 
-@pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", list(BF16_CASES))
 def test_bf16_tracks_fp32_with_fp32_master_weights(runs, case):
     ref, got = _load(runs, case, BF16_CASES[case][0])

@@ -10,50 +10,24 @@ launch (tests/distributed/parity_worker.py), so the launch cost is paid 4 times 
 from __future__ import annotations
 
 import glob
-import json
 
 import pytest
 import torch
 
-from tests.helpers import make_dataset, run_script
+from tests.helpers import PARITY_MODEL, failed, launch_per_world, make_dataset
+from tests.helpers import pp_args as pp
 
+# 4 launches (1, 2, 4, 8 processes) in the module fixture: ~60 s here, bounded at 400 s each.
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1800)]
 WORKER = "tests/distributed/parity_worker.py"
 STEPS = 5
-
-# lr 3e-4: Adam turns fp32 rounding in near-zero gradients (~1e-9) into update differences
-# proportional to lr; at 3e-4 those stay well below the 1e-5 parameter tolerance.
-BASE = [
-    "--model.preset=tiny",
-    "--model.n_layer=4",
-    "--model.n_head=4",
-    "--model.n_embd=64",
-    "--model.block_size=32",
-    "--model.vocab_size=512",
-    "--model.pad_vocab_multiple=1",
-    "--training.seq_len=32",
-    "--training.global_batch_size=16",
-    f"--training.steps={STEPS}",
-    "--training.warmup_steps=1",
-    "--training.lr=3e-4",
-    "--training.min_lr=3e-5",
-    "--training.eval_interval=0",
-    "--training.grad_clip=1.0",
-]
+BASE = [*PARITY_MODEL, f"--training.steps={STEPS}", "--training.grad_clip=1.0"]
 REFERENCES = {
     "tied": [],
     "untied": ["--model.tie_embeddings=false"],
     "padded": ["--model.vocab_size=500", "--model.pad_vocab_multiple=64"],
 }
 TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
-
-
-def pp(n, schedule, m, v=1):
-    return [
-        f"--parallel.pp={n}",
-        f"--parallel.pp_schedule={schedule}",
-        f"--parallel.pp_microbatches={m}",
-        f"--parallel.pp_stages_per_rank={v}",
-    ]
 
 
 # name -> (world size, reference, layout overrides); layouts written as (dp, pp, tp)
@@ -96,17 +70,10 @@ def runs(tmp_path_factory):
         dataset = data["padded" if ref == "padded" else "tied"]
         return [f"--data.dataset={dataset}", *BASE, *REFERENCES[ref], *layout]
 
-    failures = {}
     launches = {0: {f"ref_{r}": args_for(r, []) for r in REFERENCES}}
     for name, (world, ref, layout) in CASES.items():
         launches.setdefault(world, {})[name] = args_for(ref, layout)
-    for world, cases in launches.items():
-        spec = root / f"cases{world}.json"
-        spec.write_text(json.dumps(cases))
-        proc = run_script(WORKER, [spec, root / "out"], nproc=world, timeout=400)
-        if proc.returncode != 0:
-            failures[world] = proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root / "out", failures
+    return root / "out", failed(launch_per_world(WORKER, launches, root))
 
 
 def merged(out, case: str) -> dict:

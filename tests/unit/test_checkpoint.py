@@ -11,18 +11,15 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from gpt3d.checkpoint import Checkpointer
-from gpt3d.checkpoint_dir import latest_complete, load_model_state_dict, resolve_resume, verify
+from gpt3d.checkpoint_dir import latest_complete, load_model_state_dict, verify
 from gpt3d.config import load_config
-from gpt3d.trainer import Trainer
-from tests.helpers import make_dataset, run_script
+from gpt3d.errors import UserError
+from gpt3d.preflight import preflight
+from tests.helpers import make_dataset, run_script, small_run, trainer_with_checkpointer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-SMALL = ["--model.preset=tiny", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32",
-         "--model.block_size=32", "--model.vocab_size=512", "--training.seq_len=16",
-         "--training.global_batch_size=4", "--training.eval_interval=0", "--training.steps=6",
-         "--training.warmup_steps=1", "--metrics.plot=false"]  # fmt: skip
+SMALL = small_run(steps=6)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +28,13 @@ def data(tmp_path_factory):
 
 
 def make(data, out, *args):
-    cfg = load_config([*SMALL, f"--data.dataset={data}", f"--job.output_dir={out}", *args])
-    trainer = Trainer(cfg)
-    return trainer, Checkpointer(trainer, log=lambda msg: None)
+    return trainer_with_checkpointer(
+        [*SMALL, f"--data.dataset={data}", f"--job.output_dir={out}", *args]
+    )
+
+
+def resume_of(*args):
+    return preflight(load_config([*SMALL, *args]), world_size=1).resume
 
 
 def run(trainer, ckpt, until):
@@ -55,8 +56,9 @@ def saved(data, tmp_path_factory):
 
 
 def snapshot(path):
-    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in path.rglob("*"))  # fmt: skip
+    return sorted(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")
+    )
 
 
 def test_resume_continues_bitwise_and_keeps_last(saved, data, tmp_path):
@@ -67,7 +69,6 @@ def test_resume_continues_bitwise_and_keeps_last(saved, data, tmp_path):
     meta = json.loads((root / "step-4" / "meta.json").read_text())
     assert meta["step"] == 4 and meta["loader"]["samples_consumed"] == 16
     trainer, ckpt = make(data, tmp_path, f"--checkpoint.resume={root / 'step-4'}")
-    ckpt.load(resolve_resume(trainer.cfg))
     assert trainer.step == 4 and trainer.loader.samples_consumed == 16
     assert run(trainer, ckpt, 6) == losses[4:]
 
@@ -101,7 +102,6 @@ def test_crash_during_save_keeps_previous_checkpoint(data, tmp_path, monkeypatch
     assert latest_complete(root).name == "step-2"
     assert snapshot(root / "step-2") == before  # the previous checkpoint is untouched
     resumed, ckpt = make(data, tmp_path, "--checkpoint.resume=auto", "--checkpoint.interval=2")
-    ckpt.load(resolve_resume(resumed.cfg))
     assert resumed.step == 2
     run(resumed, ckpt, 4)  # saving step 4 again replaces the half-written directory
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4"]
@@ -143,14 +143,14 @@ def damaged_copy(saved, tmp_path, how):
     [
         ("truncated", "is damaged: __0_0.distcp has"),
         ("meta", "meta.json is corrupt"),
-        ("index", "unreadable DCP metadata"),
+        ("index", "is unreadable"),
         ("incomplete", "is incomplete"),
     ],
 )
 def test_damaged_checkpoint_is_a_clear_error(saved, tmp_path, how, match):
     path = damaged_copy(saved, tmp_path, how)
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(UserError, match=match) as info:
         verify(path)
     assert "\n" not in str(info.value)
     assert snapshot(tmp_path) == before
@@ -158,24 +158,26 @@ def test_damaged_checkpoint_is_a_clear_error(saved, tmp_path, how, match):
 
 def test_other_model_shape_or_missing_path_is_a_clear_error(saved, data, tmp_path):
     path = saved[0] / "checkpoints" / "step-6"
-    cfg = load_config([*SMALL, "--model.n_layer=3", f"--checkpoint.resume={path}"])
-    with pytest.raises(ValueError, match=r"different model shape: n_layer=2 \(now 3\)"):
-        resolve_resume(cfg)
-    cfg = load_config([*SMALL, "--job.seed=7", f"--checkpoint.resume={path}"])
-    with pytest.raises(ValueError, match="trained with seed=1337, this run has 7"):
-        resolve_resume(cfg)
-    cfg = load_config([*SMALL, f"--checkpoint.resume={tmp_path / 'nope'}"])
-    with pytest.raises(ValueError, match="does not exist"):
-        resolve_resume(cfg)
-    cfg = load_config([*SMALL, "--checkpoint.resume=auto", f"--job.output_dir={tmp_path}"])
-    assert resolve_resume(cfg) is None  # auto with nothing saved yet: a fresh start
+    common = [f"--data.dataset={data}", f"--checkpoint.resume={path}"]
+    with pytest.raises(UserError, match=r"different model shape: n_layer=2 \(now 3\)"):
+        resume_of(*common, "--model.n_layer=3")
+    with pytest.raises(UserError, match="trained with seed=1337, this run has 7"):
+        resume_of(*common, "--job.seed=7")
+    with pytest.raises(UserError, match="does not exist"):
+        resume_of(f"--data.dataset={data}", f"--checkpoint.resume={tmp_path / 'nope'}")
+    auto = ["--checkpoint.resume=auto", f"--job.output_dir={tmp_path}"]
+    assert resume_of(f"--data.dataset={data}", *auto) is None  # nothing saved yet: fresh
 
 
 def test_train_recipe_refuses_damaged_checkpoint_and_touches_nothing(saved, data, tmp_path):
     path = damaged_copy(saved, tmp_path, "truncated")
     before = snapshot(tmp_path)
-    args = [*SMALL, f"--data.dataset={data}", f"--job.output_dir={tmp_path / 'run'}",
-            "--checkpoint.resume=auto"]  # fmt: skip
+    args = [
+        *SMALL,
+        f"--data.dataset={data}",
+        f"--job.output_dir={tmp_path / 'run'}",
+        "--checkpoint.resume=auto",
+    ]
     proc = run_script("recipes/train.py", args, nproc=0, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: checkpoint {path} is damaged" in proc.stderr

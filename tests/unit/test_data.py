@@ -40,8 +40,14 @@ def make_dataset(root: Path, n_train: int = 1001, n_val: int = 201, vocab: int =
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
         (np.arange(n) % 50000).astype(np.uint16).tofile(root / f"{split}.bin")
-    meta = {"tokenizer": "gpt2", "vocab_size": vocab, "eot_id": EOT_ID, "dtype": "uint16",
-            "train_tokens": n_train, "val_tokens": n_val}  # fmt: skip
+    meta = {
+        "tokenizer": "gpt2",
+        "vocab_size": vocab,
+        "eot_id": EOT_ID,
+        "dtype": "uint16",
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+    }
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 
@@ -134,8 +140,9 @@ def test_dp_slices_partition_the_global_batch(tmp_path):
     for step in range(4):
         x1, _, ids1 = ShardedLoader(d, "train", T, 12, seed=0).batch_for_step(step)
         for dp in (2, 3, 4):
-            parts = [ShardedLoader(d, "train", T, 12, 0, r, dp).batch_for_step(step)
-                     for r in range(dp)]  # fmt: skip
+            parts = [
+                ShardedLoader(d, "train", T, 12, 0, r, dp).batch_for_step(step) for r in range(dp)
+            ]
             assert all(p[0].shape == (12 // dp, T) for p in parts)
             assert torch.equal(torch.cat([p[0] for p in parts]), x1)
             assert torch.equal(torch.cat([p[2] for p in parts]), ids1)  # disjoint, in order
@@ -167,8 +174,9 @@ def test_epoch_rollover_covers_each_window_once(tmp_path):
 def test_eval_batches_fixed_and_sliced(tmp_path):
     d = make_dataset(tmp_path)
     full = eval_batches(d, T, 6, eval_steps=3)
-    assert len(full) == 3 and all(ids.tolist() == list(range(s * 6, s * 6 + 6))
-                                  for s, (_, _, ids) in enumerate(full))  # fmt: skip
+    assert len(full) == 3 and all(
+        ids.tolist() == list(range(s * 6, s * 6 + 6)) for s, (_, _, ids) in enumerate(full)
+    )
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full, eval_batches(d, T, 6, 3), strict=True))
     halves = [eval_batches(d, T, 6, 3, dp_rank=r, dp_size=2) for r in range(2)]
     assert torch.equal(torch.cat([halves[0][1][0], halves[1][1][0]]), full[1][0])

@@ -1,5 +1,6 @@
-"""The bad-input catalog, checked in process: every case is one ValueError that names the
-problem and the fix, raised before any process group exists (gpt3d.trainer.preflight)."""
+"""The bad-input catalogue (tests/error_cases.py), checked in process: every case is one
+UserError that names the problem and the fix, raised by gpt3d.preflight before any process
+group exists."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from gpt3d.config import ConfigError, load_config
-from gpt3d.trainer import Trainer, TrainingDiverged, preflight
-from tests.helpers import SMALL_MODEL, make_dataset
-
-SMALL = [*SMALL_MODEL]
+from gpt3d.config import load_config
+from gpt3d.errors import TrainingDiverged, UserError
+from gpt3d.preflight import preflight
+from tests.error_cases import PLAN_ERRORS, RUN_ERRORS
+from tests.helpers import SMALL_MODEL, copy_dataset, make_dataset, trainer_for
 
 
 @pytest.fixture(scope="module")
@@ -21,83 +22,30 @@ def data(tmp_path_factory):
 
 
 def check(args, world=1, match=""):
-    with pytest.raises(ValueError, match=match) as info:
-        preflight(load_config([*SMALL, *args]), world)
+    with pytest.raises(UserError, match=match) as info:
+        preflight(load_config([*SMALL_MODEL, *args]), world)
     assert "\n" not in str(info.value).strip()  # one readable line
     return str(info.value)
 
 
-# ---- config -------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["--foo.bar=1"], "unknown section"),
-        (["--training.stepz=3"], "steps"),
-        (["--training.steps=abc"], "training.steps"),
-        (["--training.steps=0"], "training.steps"),
-        (["--training.lr=-1"], "training.lr"),
-        (["--training.min_lr=1"], "min_lr"),
-        (["--config", "does/not/exist.toml"], "does/not/exist.toml"),
-        (["--model.preset=gpt5"], "preset"),
-    ],
-)
-def test_config_errors(args, match):
-    with pytest.raises(ConfigError, match=match):
-        load_config(args)
+@pytest.mark.parametrize("case", list(RUN_ERRORS))
+def test_run_errors(data, case):
+    world, args, match = RUN_ERRORS[case]
+    check([f"--data.dataset={data}", *args], world, match.replace("(", r"\(").replace(")", r"\)"))
 
 
-# ---- layout (world size given, no processes started) ---------------------------------------
-@pytest.mark.parametrize(
-    "world, args, match",
-    [
-        (3, ["--parallel.tp=2"], "world size 3"),
-        (2, ["--parallel.tp=2", "--model.n_head=3", "--model.n_embd=48"], "n_head=3"),
-        (2, ["--parallel.tp=2", "--model.vocab_size=511"], "pad_vocab_multiple"),
-        (4, ["--parallel.pp=4", "--parallel.pp_microbatches=4"], "cannot fill 4"),
-        (2, ["--parallel.pp=2", "--parallel.pp_microbatches=1"], "at least 2 microbatches"),
-        (2, ["--training.global_batch_size=5"], "global_batch_size=5"),
-        (
-            2,
-            ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--training.seq_len=15"],
-            "seq_len=15",
-        ),
-        (2, ["--parallel.pp=2", "--parallel.pp_schedule=DualPipeV"], "pp_stages_per_rank=2"),
-        (2, ["--parallel.dp_mode=ddp", "--parallel.dp_shard=2"], "dp_mode='ddp'"),
-    ],
-)
-def test_layout_errors(data, world, args, match):
-    check([f"--data.dataset={data}", *args], world, match)
-
-
-def test_unknown_schedule_is_a_config_error():
-    with pytest.raises(ConfigError, match="pp_schedule"):
-        load_config(["--parallel.pp_schedule=Zigzag"])
-
-
-# ---- plan files ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "text, match",
-    [
-        (None, "not found"),
-        ('[modules."wte"\n', "not valid TOML"),
-        ('[modules."h.*.attn.qproj"]\nstyle = "colwise"', "matches no module"),
-        ('[modules."wte"]\nstyle = "vocab_parallel"', "unknown style"),
-        ('[modules."wte"]\nstyle = "rowwise"\ninput_layouts = "diagonal"', "layouts are"),
-    ],
-)
-def test_plan_errors(tmp_path, data, text, match):
+@pytest.mark.parametrize("case", list(PLAN_ERRORS))
+def test_plan_errors(tmp_path, data, case):
+    text, match = PLAN_ERRORS[case]
     plan = tmp_path / "plan.toml"
-    if text is not None:
-        plan.write_text(text)
-    check([f"--data.dataset={data}", "--parallel.tp=2", f"--parallel.plan={plan}"], 2, match)
+    plan.write_text(text)
+    args = [f"--data.dataset={data}", "--parallel.tp=2", f"--parallel.plan={plan}"]
+    assert str(plan) in check(args, 2, match)
 
 
 # ---- data ---------------------------------------------------------------------------------------
 def broken_dataset(tmp_path, data, kind):
-    d = tmp_path / kind
-    d.mkdir()
-    for name in ("train.bin", "val.bin", "meta.json"):
-        (d / name).write_bytes((data / name).read_bytes())
+    d = copy_dataset(data, tmp_path / kind)
     meta = json.loads((d / "meta.json").read_text())
     if kind == "missing_bin":
         (d / "train.bin").unlink()
@@ -113,6 +61,9 @@ def broken_dataset(tmp_path, data, kind):
         tokens.tofile(d / "train.bin")
     elif kind == "meta_vocab":
         meta["vocab_size"] = 50257
+    elif kind == "no_meta":
+        (d / "meta.json").unlink()
+        return d
     (d / "meta.json").write_text(json.dumps(meta))
     return d
 
@@ -126,6 +77,7 @@ def broken_dataset(tmp_path, data, kind):
         ("too_short", "val.bin"),
         ("big_ids", "token id 600 at position 123"),
         ("meta_vocab", "vocab_size 50257"),
+        ("no_meta", "meta.json is missing"),
     ],
 )
 def test_data_errors(tmp_path, data, kind, match):
@@ -133,18 +85,26 @@ def test_data_errors(tmp_path, data, kind, match):
     check([f"--data.dataset={d}"], 1, match)
 
 
+def test_only_rank_0_scans_token_ids(tmp_path, data):
+    """Every rank reads the same files: rank 0's scan is enough (and reports the error)."""
+    d = broken_dataset(tmp_path, data, "big_ids")
+    cfg = load_config([*SMALL_MODEL, f"--data.dataset={d}"])
+    assert preflight(cfg, world_size=1, rank=1).dataset["vocab_size"] == 512
+    with pytest.raises(UserError, match="token id 600"):
+        preflight(cfg, world_size=1, rank=0)
+
+
 # ---- numerics ------------------------------------------------------------------------------------
 def test_nan_loss_stops_with_the_step(data):
-    cfg = load_config(
+    trainer = trainer_for(
         [
-            *SMALL,
+            *SMALL_MODEL,
             f"--data.dataset={data}",
             "--training.lr=1e6",
             "--training.warmup_steps=0",
             "--training.grad_clip=0",
         ]
     )
-    trainer = Trainer(cfg)
     with pytest.raises(TrainingDiverged, match=r"at step \d+"):
         for _ in range(50):
             trainer.train_step()

@@ -3,34 +3,31 @@ shape through Hugging Face -> gpt3d training -> DCP -> Hugging Face with transfo
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
 import torch
 
-from gpt3d.checkpoint import Checkpointer
 from gpt3d.checkpoint_dir import load_model_state_dict
 from gpt3d.config import load_config
 from gpt3d.data import ShardedLoader
+from gpt3d.errors import UserError
 from gpt3d.generate import generate, load_plain_model
 from gpt3d.model import GPT, GPTConfig
-from gpt3d.trainer import Trainer
-from tests.helpers import REPO, make_dataset, read_jsonl, run_script
+from gpt3d.preflight import preflight
+from tests.helpers import (
+    make_dataset,
+    read_jsonl,
+    recipe,
+    run_script,
+    small_run,
+    trainer_with_checkpointer,
+)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-SMALL = ["--model.preset=tiny", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32",
-         "--model.block_size=32", "--training.seq_len=16", "--training.global_batch_size=4",
-         "--training.eval_interval=0", "--training.steps=2", "--metrics.plot=false"]  # fmt: skip
-
-
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+SMALL = small_run(steps=2, vocab=50257)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +37,10 @@ def gpt2_vocab_data(tmp_path_factory):
 
 def trained_checkpoint(data, out, *args):
     """Two steps in this process, then a checkpoint: its step-2 directory."""
-    cfg = load_config([*SMALL, f"--data.dataset={data}", f"--job.output_dir={out}", *args])
-    trainer = Trainer(cfg)
+    run_args = [*SMALL, f"--data.dataset={data}", f"--job.output_dir={out}", *args]
+    trainer, ckpt = trainer_with_checkpointer(run_args)
     trainer.train_step(), trainer.train_step()
-    Checkpointer(trainer, log=lambda m: None).finish()
+    ckpt.finish()
     return out / "checkpoints" / "step-2"
 
 
@@ -52,8 +49,19 @@ def test_export_loads_in_transformers(gpt2_vocab_data, tmp_path, tied):
     # padded vocab (50257 -> 50304 rows) and an untied head: both must map back exactly
     args = ["--model.pad_vocab_multiple=64", f"--model.tie_embeddings={tied}"]
     ckpt = trained_checkpoint(gpt2_vocab_data, tmp_path / "run", *args)
-    assert recipe("export")(["--checkpoint", "auto", "--output_dir", str(tmp_path / "run"),
-                             "--out", str(tmp_path / "hf")]) == 0  # fmt: skip
+    assert (
+        recipe("export")(
+            [
+                "--checkpoint",
+                "auto",
+                "--output_dir",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "hf"),
+            ]
+        )
+        == 0
+    )
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = load_plain_model(ckpt)
     x = torch.randint(50257, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -73,14 +81,17 @@ def test_sample_same_text_from_checkpoint_and_export(gpt2_vocab_data, tmp_path, 
         assert sample([*argv, "--temperature", "0"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].startswith("ROMEO:")
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         sample(["--checkpoint", "auto", "--output_dir", str(tmp_path / "empty")])
 
 
 def test_generate_greedy_is_top_k_1_and_never_samples_padding():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50,
-                          pad_vocab_multiple=64)).eval()  # fmt: skip
+    model = GPT(
+        GPTConfig(
+            n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50, pad_vocab_multiple=64
+        )
+    ).eval()
     model.init_weights(0)
     prompt = torch.zeros(3, 2, dtype=torch.long)
     greedy = generate(model, prompt, 12, temperature=0)  # longer than block_size: crops
@@ -90,6 +101,7 @@ def test_generate_greedy_is_top_k_1_and_never_samples_padding():
     assert hot.shape == (3, 42) and hot.max() < 50
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpt2_124m_round_trip(tmp_path, gpt2_vocab_data):
     """HF gpt2-shaped random model -> init_from (train 1 step, DCP) -> export -> transformers."""
@@ -98,10 +110,21 @@ def test_gpt2_124m_round_trip(tmp_path, gpt2_vocab_data):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # 124M, random
     hf.save_pretrained(tmp_path / "gpt2")
     run = [f"--job.output_dir={tmp_path / 'run'}", f"--data.dataset={gpt2_vocab_data}"]
-    short = ["--training.steps=1", "--training.seq_len=64", "--training.global_batch_size=2",
-             "--training.eval_interval=0", "--training.log_interval=1"]  # fmt: skip
-    args = ["--checkpoint.init_from", tmp_path / "gpt2", "--model.preset=gpt2", *run, *short,
-            "--metrics.plot=false"]  # fmt: skip
+    short = [
+        "--training.steps=1",
+        "--training.seq_len=64",
+        "--training.global_batch_size=2",
+        "--training.eval_interval=0",
+        "--training.log_interval=1",
+    ]
+    args = [
+        "--checkpoint.init_from",
+        tmp_path / "gpt2",
+        "--model.preset=gpt2",
+        *run,
+        *short,
+        "--metrics.plot=false",
+    ]
     proc = run_script("recipes/train.py", args, nproc=0, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "12 layers, 12 heads, n_embd 768, block_size 1024, vocab 50257" in proc.stdout
@@ -125,21 +148,21 @@ def test_gpt2_124m_round_trip(tmp_path, gpt2_vocab_data):
 
 
 def test_init_from_takes_the_pretrained_shape_and_rejects_conflicts(tmp_path):
-    from gpt3d.pretrained import init_from_pretrained
+    data = make_dataset(tmp_path / "data", vocab_size=512, n_train=2000, n_val=500)
+
+    def run_for(*args):
+        return preflight(load_config(["--training.seq_len=32", f"--data.dataset={data}", *args]), 1)
 
     shape = dict(n_layer=3, n_head=2, n_embd=32, n_positions=32, vocab_size=512)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape))
     hf.save_pretrained(tmp_path / "hf")
     for source in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
-        cfg = load_config(["--training.seq_len=32", f"--checkpoint.init_from={source}"])
-        weights = init_from_pretrained(cfg)
-        m = cfg.model
+        run = run_for(f"--checkpoint.init_from={source}")
+        weights, m = run.pretrained, run.config.model
         assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (3, 2, 32, 32, 512)
         c_attn = hf.transformer.h[1].attn.c_attn.weight  # Conv1D (C, 3C): q | k | v columns
         assert torch.equal(weights("h.1.attn.k_proj.weight", (32, 32)), c_attn[:, 32:64].T)
-    cfg = load_config(["--model.n_layer=4", f"--checkpoint.init_from={tmp_path / 'hf'}"])
-    with pytest.raises(ValueError, match=r"model.n_layer=4 \(pretrained: 3\)"):
-        init_from_pretrained(cfg)
-    cfg = load_config([f"--checkpoint.init_from={tmp_path / 'missing'}"])
-    with pytest.raises(ValueError, match="does not exist"):
-        init_from_pretrained(cfg)
+    with pytest.raises(UserError, match=r"model.n_layer=4 \(pretrained: 3\)"):
+        run_for("--model.n_layer=4", f"--checkpoint.init_from={tmp_path / 'hf'}")
+    with pytest.raises(UserError, match="does not exist"):
+        run_for(f"--checkpoint.init_from={tmp_path / 'missing'}")

@@ -12,14 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gpt3d.hf import (
-    from_hf_state_dict,
-    gpt_config_from_hf,
-    hf_config_dict,
-    load_hf,
-    save_hf,
-    to_hf_state_dict,
-)
+from gpt3d.errors import UserError
+from gpt3d.hf import gpt_config_from_hf, hf_config_dict, load_hf, save_hf, to_hf_state_dict
 from gpt3d.model import GPT, GPTConfig, preset_config
 
 transformers = pytest.importorskip("transformers")
@@ -41,6 +35,14 @@ def _gpt3d_model(cfg: GPTConfig, seed: int = 0) -> GPT:
 def _ids(cfg: GPTConfig, T: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(cfg.vocab_size, (2, T or cfg.block_size), generator=g)
+
+
+def _write_hf(directory, hf_sd: dict, cfg: GPTConfig):
+    """model.safetensors (exactly these tensors) + config.json, as a HF directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(hf_sd, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
+    return directory
 
 
 def _hf_logits(model, ids):
@@ -97,7 +99,7 @@ def test_gpt3d_to_hf_logits(tmp_path, tie, pad):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_round_trip_exact(tie):
+def test_round_trip_exact(tmp_path, tie):
     cfg = replace(TINY, tie_embeddings=tie, pad_vocab_multiple=64)
     sd = _gpt3d_model(cfg).state_dict()
     hf_sd = to_hf_state_dict(sd, cfg)
@@ -107,8 +109,8 @@ def test_round_trip_exact(tie):
     assert not any("attn.bias" in k and "c_" not in k for k in hf_sd)  # no mask buffers
     ptrs = [t.untyped_storage().data_ptr() for t in hf_sd.values()]
     assert len(set(ptrs)) == len(ptrs) and all(t.is_contiguous() for t in hf_sd.values())
-    back = from_hf_state_dict(hf_sd, cfg)
-    assert back.keys() == sd.keys()
+    back_cfg, back = load_hf(_write_hf(tmp_path, hf_sd, cfg), pad_vocab_multiple=64)
+    assert back_cfg == replace(cfg, dropout=0.0) and back.keys() == sd.keys()
     V = cfg.vocab_size
     for k in sd:  # padded vocab rows are dropped on export and come back as zeros
         if k in ("wte.weight", "lm_head.weight"):
@@ -119,14 +121,14 @@ def test_round_trip_exact(tie):
         assert back["lm_head.weight"] is back["wte.weight"]
 
 
-def test_openai_layout_without_prefix_and_buffers():
+def test_openai_layout_without_prefix_and_buffers(tmp_path):
     """OpenAI's gpt2 file: no "transformer." prefix, mask buffers present, no lm_head."""
     sd = _gpt3d_model(TINY).state_dict()
     hf_sd = {k.removeprefix("transformer."): v for k, v in to_hf_state_dict(sd, TINY).items()}
     for i in range(TINY.n_layer):
         hf_sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
         hf_sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    back = from_hf_state_dict(hf_sd, TINY)
+    _, back = load_hf(_write_hf(tmp_path, hf_sd, TINY))
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
@@ -136,7 +138,7 @@ def test_single_file_infers_config(tmp_path):
     save_hf(tmp_path / "d", sd, cfg)
     f = tmp_path / "model.safetensors"
     f.write_bytes((tmp_path / "d" / "model.safetensors").read_bytes())  # no config.json beside
-    with pytest.raises(ValueError, match="n_head"):
+    with pytest.raises(UserError, match="n_head"):
         load_hf(f)
     got_cfg, got = load_hf(f, n_head=2)
     assert got_cfg == cfg
@@ -146,56 +148,64 @@ def test_single_file_infers_config(tmp_path):
     assert load_hf(f)[0] == cfg
 
 
-def test_errors_wrong_shape_and_missing_key():
+@pytest.mark.parametrize(
+    "change, cfg_change, match",
+    [
+        (
+            {"transformer.h.1.mlp.c_fc.weight": torch.zeros(128, 32)},
+            {},
+            r"h\.1\.mlp\.c_fc\.weight.*expected \(32, 128\), found \(128, 32\)",
+        ),
+        ({"transformer.ln_f.bias": None}, {}, r"missing key 'ln_f\.bias'"),
+        ({}, {"tie_embeddings": False}, "missing key 'lm_head.weight'"),  # untied needs it
+        ({"h.2.ln_1.weight": torch.ones(32)}, {}, r"unexpected key 'h\.2\.ln_1\.weight'"),
+    ],
+)
+def test_errors_wrong_shape_and_missing_key(tmp_path, change, cfg_change, match):
     hf_sd = to_hf_state_dict(_gpt3d_model(TINY).state_dict(), TINY)
-    bad = dict(hf_sd, **{"transformer.h.1.mlp.c_fc.weight": torch.zeros(128, 32)})
-    with pytest.raises(
-        ValueError, match=r"h\.1\.mlp\.c_fc\.weight.*expected \(32, 128\), found \(128, 32\)"
-    ):
-        from_hf_state_dict(bad, TINY)
-    missing = {k: v for k, v in hf_sd.items() if k != "transformer.ln_f.bias"}
-    with pytest.raises(ValueError, match=r"missing key 'ln_f\.bias'"):
-        from_hf_state_dict(missing, TINY)
-    with pytest.raises(ValueError, match="missing key 'lm_head.weight'"):  # untied needs it
-        from_hf_state_dict(hf_sd, replace(TINY, tie_embeddings=False))
-    with pytest.raises(ValueError, match=r"unexpected key 'h\.2\.ln_1\.weight'"):
-        from_hf_state_dict(dict(hf_sd, **{"h.2.ln_1.weight": torch.ones(32)}), TINY)
-    with pytest.raises(ValueError, match="not a GPT-2 checkpoint"):  # other size
-        from_hf_state_dict(hf_sd, replace(TINY, n_embd=64))
-    with pytest.raises(ValueError, match="(?s)not a gpt3d state dict.*unexpected key 'transformer"):
+    hf_sd = {k: v for k, v in (hf_sd | change).items() if v is not None}
+    _write_hf(tmp_path, hf_sd, replace(TINY, **cfg_change))
+    with pytest.raises(UserError, match=match):
+        load_hf(tmp_path)
+
+
+def test_export_of_a_hf_dict_is_refused():
+    hf_sd = to_hf_state_dict(_gpt3d_model(TINY).state_dict(), TINY)
+    with pytest.raises(UserError, match="(?s)not a gpt3d state dict.*unexpected key 'transformer"):
         to_hf_state_dict(hf_sd, TINY)  # HF dict passed where a gpt3d one is expected
 
 
 def test_errors_non_gpt2_files_and_configs(tmp_path):
     f = tmp_path / "other.safetensors"
     save_file({"encoder.layer.0.weight": torch.zeros(3, 3)}, f)
-    with pytest.raises(ValueError, match="not a GPT-2 checkpoint"):
+    with pytest.raises(UserError, match="not a GPT-2 checkpoint"):
         load_hf(f, n_head=2)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(UserError, match="not a readable safetensors"):
         load_hf(junk, n_head=2)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="no model.safetensors"):
         load_hf(tmp_path / "empty")
-    with pytest.raises(ValueError, match="not a GPT-2 config"):
+    with pytest.raises(UserError, match="not a GPT-2 config"):
         gpt_config_from_hf({"model_type": "llama", "n_layer": 2})
-    with pytest.raises(ValueError, match="lacks required keys"):
+    with pytest.raises(UserError, match="lacks required keys"):
         gpt_config_from_hf({"model_type": "gpt2", "n_layer": 2})
-    with pytest.raises(ValueError, match="activation_function"):
+    with pytest.raises(UserError, match="activation_function"):
         gpt_config_from_hf(hf_config_dict(TINY) | {"activation_function": "relu"})
 
 
 def test_bias_false_cannot_export(tmp_path):
     cfg = replace(TINY, bias=False)
     sd = GPT(cfg).state_dict()
-    with pytest.raises(ValueError, match="bias=False"):
+    with pytest.raises(UserError, match="bias=False"):
         to_hf_state_dict(sd, cfg)
-    with pytest.raises(ValueError, match="bias=False"):
+    with pytest.raises(UserError, match="bias=False"):
         save_hf(tmp_path, sd, cfg)
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_gpt2_124m_shape_round_trip(tmp_path):
     """The real gpt2 shape (random weights, padded vocab as nanoGPT trains it) through
     save_hf -> from_pretrained, and back through load_hf."""

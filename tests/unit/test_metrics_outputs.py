@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from gpt3d.metrics import MetricsWriter, plot_loss_curve, read_metrics
-from tests.helpers import make_dataset, run_script
+from tests.helpers import DEBUG_CONFIG, NO_CHECKPOINTS, make_dataset, run_script
 
 RECORDS = [
     {"step": 1, "loss": 6.0, "lr": 1e-3, "grad_norm": 1.5, "tokens_per_sec": 900.0, "mfu": 0.1},
@@ -62,11 +62,16 @@ def test_train_recipe_writes_loss_png_and_events(tmp_path):
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "run"
     args = [
-        "--config", "recipes/configs/debug.toml", f"--data.dataset={data}",
-        "--model.vocab_size=512", f"--job.output_dir={out}", "--training.steps=4",
-        "--training.eval_interval=2", "--checkpoint.interval=0", "--checkpoint.save_final=false",
-        "--metrics.plot=true", "--metrics.tensorboard=true",
-    ]  # fmt: skip
+        *DEBUG_CONFIG,
+        f"--data.dataset={data}",
+        "--model.vocab_size=512",
+        f"--job.output_dir={out}",
+        "--training.steps=4",
+        "--training.eval_interval=2",
+        *NO_CHECKPOINTS,
+        "--metrics.plot=true",
+        "--metrics.tensorboard=true",
+    ]
     proc = run_script("recipes/train.py", args, nproc=0, timeout=110)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl, run_script
+from tests.helpers import DEBUG_CONFIG, NO_CHECKPOINTS, REPO, read_jsonl, run_script
 
 
 @pytest.fixture(scope="module")
@@ -16,20 +16,19 @@ def shakespeare(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_debug_run_on_bundled_corpus_learns(shakespeare, tmp_path):
     out = tmp_path / "run"
     args = [
-        "--config",
-        "recipes/configs/debug.toml",
+        *DEBUG_CONFIG,
         f"--data.dataset={shakespeare}",
         f"--job.output_dir={out}",
         "--training.steps=30",
         "--training.lr=2e-3",
         "--training.log_interval=1",
         "--training.eval_interval=30",
-        "--checkpoint.interval=0",
-        "--checkpoint.save_final=false",
+        *NO_CHECKPOINTS,
         "--metrics.plot=false",
     ]
     proc = run_script("recipes/train.py", args, nproc=0, timeout=280)

@@ -1,0 +1,285 @@
+"""Everything checked before the first collective, in one place, ending in one frozen RunPlan:
+
+    run = preflight(load_config(argv), world_size, rank)   # no process group needed
+
+In order: values that relate config fields; the pretrained model's shape (checkpoint.init_from,
+read from its config.json only); the model shape; the layout against the world size, the
+model and the batch; the tensor-parallel plan file; the dataset; the checkpoint to resume
+from. Every rule is stated here once and raises a gpt3d.errors.UserError whose one line names
+the problem and the fix; gpt3d/launch.py prints it once (rank 0) and exits with code 2.
+
+Rules: "resume wins over init_from" (a restarted fine-tune continues from its own
+checkpoint); a resumed run keeps the data order (seed, seq_len) of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt3d.checkpoint_dir import find_resume, verify
+from gpt3d.config import Config, gpt_config
+from gpt3d.data import validate_dataset
+from gpt3d.errors import CheckpointError, ConfigError
+from gpt3d.model import GPTConfig, describe
+from gpt3d.parallel.dims import (
+    SINGLE_STAGE_SCHEDULES,
+    V_SCHEDULES,
+    ParallelDims,
+    n_microbatches,
+    resolve_dims,
+)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run that passed every check: what each rank builds, from what, on which layout."""
+
+    config: Config  # as given, with a pretrained model's shape filled into [model]
+    model: GPTConfig
+    dims: ParallelDims
+    tp_rules: tuple  # the validated tensor-parallel plan (gpt3d.parallel.tensor_parallel.Rule)
+    dataset: dict  # the dataset's meta.json
+    resume: Path | None  # a verified checkpoint to continue from
+    pretrained: object | None  # gpt3d.hf.LazyHFWeights to start from (never when resuming)
+
+    def describe(self) -> str:
+        start = (
+            f"resume {self.resume}"
+            if self.resume
+            else f"init from {self.config.checkpoint.init_from}"
+            if self.pretrained
+            else f"fresh init (seed {self.config.job.seed})"
+        )
+        return f"layout {self.dims.describe()}; model {describe(self.model)}; {start}"
+
+
+def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
+    """Check the whole run without starting a process group. `rank` 0 also scans the token
+    files for out-of-range ids (once is enough: every rank reads the same files)."""
+    cfg = copy.deepcopy(cfg)
+    check_values(cfg)
+    pretrained_path = cfg.checkpoint.init_from
+    if pretrained_path:
+        _take_pretrained_shape(cfg, pretrained_path)
+    model = gpt_config(cfg.model)
+    check_model(model, cfg)
+    dims = resolve_dims(cfg.parallel, world_size)
+    check_layout(dims, model, cfg.training, cfg.parallel)
+    rules = _tp_rules(model, cfg) if dims.tp > 1 else ()
+    dataset = validate_dataset(
+        cfg.data.dataset, model.vocab_size, cfg.training.seq_len, check_ids=rank == 0
+    )
+    resume = _verified_resume(cfg, model)
+    pretrained = None
+    if pretrained_path and resume is None:
+        from gpt3d.hf import LazyHFWeights
+
+        pretrained = LazyHFWeights(pretrained_path, model)  # checks every tensor's shape
+    return RunPlan(cfg, model, dims, tuple(rules), dataset, resume, pretrained)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------- config values
+
+
+def check_values(cfg: Config) -> None:
+    """Rules between config fields (each field's own bounds are declared in config.py)."""
+    t, p = cfg.training, cfg.parallel
+    _require(
+        t.min_lr <= t.lr,
+        f"training.min_lr={t.min_lr} must be <= training.lr={t.lr}; lower training.min_lr",
+    )
+    _require(
+        t.eval_interval == 0 or t.eval_steps >= 1,
+        f"training.eval_steps={t.eval_steps} must be >= 1 while eval_interval > 0; "
+        "raise it, or set --training.eval_interval=0 to disable evaluation",
+    )
+    _require(
+        p.dp_shard == -1 or p.dp_shard >= 1,
+        f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for the rest of the world size",
+    )
+
+
+# ---------------------------------------------------------------------------- model shape
+
+_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+def _take_pretrained_shape(cfg: Config, path: str) -> None:
+    """checkpoint.init_from: the shape comes from the pretrained config.json; an explicit
+    [model] setting that contradicts it is an error."""
+    from gpt3d.hf import hf_config
+
+    m = cfg.model
+    hf = hf_config(path, n_head=m.n_head or None, pad_vocab_multiple=m.pad_vocab_multiple)
+    bad = [
+        f"model.{k}={getattr(m, k)} (pretrained: {getattr(hf, k)})"
+        for k in _SHAPE_KEYS
+        if getattr(m, k) and getattr(m, k) != getattr(hf, k)
+    ]
+    if not m.tie_embeddings and hf.tie_embeddings:  # true is the default: only false conflicts
+        bad.append("model.tie_embeddings=false (pretrained: tied)")
+    if not m.bias:
+        bad.append("model.bias=false (GPT-2 has biases)")
+    if bad:
+        raise ConfigError(
+            f"checkpoint.init_from={path} conflicts with the configured model shape: "
+            f"{', '.join(bad)}; drop those [model] settings (the shape comes from the "
+            "pretrained config) or pick a matching model"
+        )
+    for key in _SHAPE_KEYS:
+        setattr(m, key, getattr(hf, key))
+    m.tie_embeddings, m.bias = hf.tie_embeddings, hf.bias
+
+
+def check_model(model: GPTConfig, cfg: Config) -> None:
+    _require(
+        model.n_embd % model.n_head == 0,
+        f"model.n_embd={model.n_embd} must be divisible by model.n_head={model.n_head}; "
+        "change either",
+    )
+    seq_len = cfg.training.seq_len
+    _require(
+        seq_len <= model.block_size,
+        f"training.seq_len={seq_len} exceeds the model block_size {model.block_size} "
+        f"(preset {cfg.model.preset!r}); lower training.seq_len or raise model.block_size",
+    )
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def check_layout(dims: ParallelDims, model: GPTConfig, training, parallel) -> None:
+    """Every rule a layout must satisfy for this model and batch (the world size is already
+    dims.world_size). Also the planner's filter (gpt3d/planner)."""
+    _check_tp(dims.tp, model, training, parallel)
+    _check_pipeline(dims.pp, model, parallel)
+    _check_batch(dims, training, parallel)
+
+
+def _check_tp(tp: int, model: GPTConfig, training, parallel) -> None:
+    if tp == 1:
+        return
+    _require(
+        model.n_head % tp == 0,
+        f"model.n_head={model.n_head} is not divisible by parallel.tp={tp}: tensor "
+        f"parallelism splits whole attention heads; pick tp dividing {model.n_head}",
+    )
+    _require(
+        model.n_embd % tp == 0, f"model.n_embd={model.n_embd} is not divisible by parallel.tp={tp}"
+    )
+    _require(
+        model.padded_vocab_size % tp == 0,
+        f"vocabulary of {model.padded_vocab_size} rows is not divisible by parallel.tp={tp}; "
+        f"pad it: --model.pad_vocab_multiple={64 if 64 % tp == 0 else tp} "
+        "(padded rows never count in the loss)",
+    )
+    _require(
+        not parallel.sequence_parallel or training.seq_len % tp == 0,
+        f"sequence parallelism splits the sequence over tp: training.seq_len="
+        f"{training.seq_len} must be divisible by parallel.tp={tp}",
+    )
+
+
+def _check_pipeline(pp: int, model: GPTConfig, parallel) -> None:
+    name, v = parallel.pp_schedule, parallel.pp_stages_per_rank
+    if pp == 1:
+        _require(
+            v == 1 and not parallel.pp_layer_split,
+            "pp_stages_per_rank / pp_layer_split need parallel.pp > 1",
+        )
+        return
+    _require(
+        name not in SINGLE_STAGE_SCHEDULES or v == 1,
+        f"schedule {name} runs one stage per rank: set parallel.pp_stages_per_rank=1, "
+        "or pick Interleaved1F1B/LoopedBFS/InterleavedZeroBubble for virtual stages",
+    )
+    _require(
+        name not in V_SCHEDULES or v == 2,
+        f"schedule {name} needs parallel.pp_stages_per_rank=2 (got {v})",
+    )
+    _require(
+        name in SINGLE_STAGE_SCHEDULES or v >= 2,
+        f"schedule {name} needs parallel.pp_stages_per_rank >= 2 (got {v})",
+    )
+    _check_layer_split(pp * v, model.n_layer, parallel.pp_layer_split)
+    _check_microbatches(name, n_microbatches(parallel), pp, pp * v)
+
+
+def _check_layer_split(n_stages: int, n_layer: int, split: list[int]) -> None:
+    if not split:
+        _require(
+            n_layer >= n_stages,
+            f"{n_layer} transformer layers cannot fill {n_stages} pipeline stages "
+            "(pp x pp_stages_per_rank); lower parallel.pp or pp_stages_per_rank",
+        )
+        return
+    _require(
+        len(split) == n_stages and sum(split) == n_layer and min(split) >= 0,
+        f"parallel.pp_layer_split={split} must list {n_stages} non-negative block counts "
+        f"(one per stage) summing to model.n_layer={n_layer}",
+    )
+
+
+def _check_microbatches(name: str, m: int, pp: int, n_stages: int) -> None:
+    need = {"1F1B": pp, "DualPipeV": n_stages}.get(name, 1)
+    _require(
+        m >= need,
+        f"schedule {name} needs at least {need} microbatches (got "
+        f"parallel.pp_microbatches={m}); raise --parallel.pp_microbatches",
+    )
+    rounds = max(1, m // pp)
+    _require(
+        name not in ("Interleaved1F1B", "InterleavedZeroBubble") or m % rounds == 0,
+        f"schedule {name} needs pp_microbatches to be a multiple of the rounds "
+        f"(microbatches // pp = {rounds}); use a multiple of pp={pp}",
+    )
+
+
+def _check_batch(dims: ParallelDims, training, parallel) -> None:
+    m = n_microbatches(parallel) if dims.pp > 1 else 1
+    per_step = dims.dp * training.grad_accum * m
+    _require(
+        training.global_batch_size % per_step == 0,
+        f"training.global_batch_size={training.global_batch_size} is not divisible by "
+        f"dp ({dims.dp}) x grad_accum ({training.grad_accum}) x pipeline microbatches "
+        f"({m}) = {per_step}; use a multiple of {per_step}",
+    )
+
+
+# ---------------------------------------------------------------------------- plan, resume
+
+
+def _tp_rules(model: GPTConfig, cfg: Config) -> list:
+    import torch
+
+    from gpt3d.model import GPT
+    from gpt3d.parallel.tensor_parallel import load_checked_plan
+
+    with torch.device("meta"):
+        names = [n for n, _ in GPT(model).named_modules() if n]
+    p = cfg.parallel
+    return load_checked_plan(p.plan, p.sequence_parallel, names)
+
+
+def _verified_resume(cfg: Config, model: GPTConfig) -> Path | None:
+    """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start
+    ("auto" with nothing saved yet is a fresh start)."""
+    path = find_resume(cfg.checkpoint.resume, cfg.job.output_dir)
+    if path is None:
+        return None
+    loader = verify(path, model)["loader"]
+    for key, now in (("seed", cfg.job.seed), ("seq_len", cfg.training.seq_len)):
+        if loader[key] != now:  # the sample order depends on both
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {key}={loader[key]}, this run has {now}; "
+                "resuming would change the data order: use the same value "
+                "(job.seed / training.seq_len)"
+            )
+    return path
