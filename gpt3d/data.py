@@ -36,6 +36,11 @@ PREPARE_HINT = (
 )
 
 
+def token_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The token files of one split of a prepared dataset, in order."""
+    return [Path(data_dir) / f"{split}.bin"]
+
+
 def count_tokens(path: str | Path, seq_len: int) -> int:
     """Number of tokens in a .bin file, after checking it holds at least one sequence."""
     path = Path(path)
@@ -118,7 +123,8 @@ class ShardedLoader:
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         _check_dp(global_batch_size, dp_rank, dp_size)
-        self.dataset = TokenDataset(Path(data_dir) / f"{split}.bin", seq_len)
+        (path,) = token_files(data_dir, split)
+        self.dataset = TokenDataset(path, seq_len)
         self.order = SampleOrder(self.dataset.n_windows, seed)
         self.split, self.seq_len, self.seed = split, seq_len, int(seed)
         self.global_batch_size = global_batch_size
@@ -246,7 +252,7 @@ def validate_dataset(
             "pad_vocab_multiple, not vocab_size), or prepare the data with the model's tokenizer"
         )
     for split in SPLITS:
-        path = data_dir / f"{split}.bin"
+        (path,) = token_files(data_dir, split)
         n_tokens = count_tokens(path, seq_len)
         expected = meta.get(f"{split}_tokens")
         if expected is not None and expected != n_tokens:
