@@ -1,101 +1,139 @@
-"""Token files on disk -> deterministic, resumable batches, sliced by data-parallel rank.
+"""Token shards -> deterministic, resumable batches, sliced by data-parallel rank.
 
-A prepared dataset directory (recipes/prepare.py, gpt3d/prepare.py) holds
-    train.bin, val.bin   raw GPT-2 token ids, np.uint16, documents joined by <|endoftext|>
-    meta.json            {"tokenizer", "vocab_size", "eot_id", "dtype", "train_tokens", ...}
+The files and their formats (one or many shards per split, gpt3d's raw uint16 or llm.c's
+header format) are gpt3d/shards.py's; token_files(data_dir, split) names a split's files.
 
-Windows: window w is tokens [w*T, w*T + T + 1) of a split; x = its first T tokens, y = the
-same shifted by one. n_windows = (n_tokens - 1) // T, so windows tile the file without overlap.
+Windows: a shard of n tokens holds (n - 1) // T windows; window w of a shard is its tokens
+[w*T, w*T + T + 1), x = the first T, y = the same shifted by one. Windows tile each shard
+without overlap and never cross a shard's end. A split's windows are numbered globally,
+shard after shard in name order: global window g lies in the shard s with
+starts[s] <= g < starts[s + 1] (starts = cumulative window counts).
 
 Global sample order: sample id k counts every sequence ever drawn (all ranks, all steps).
     epoch  = k // n_windows
-    window = permutation_epoch[k % n_windows],  permutation_epoch from default_rng([seed, epoch])
+    window = permutation_epoch(k % n_windows)
+permutation_epoch is numpy's shuffle from default_rng([seed, epoch]) up to EXACT_SHUFFLE_WINDOWS
+windows (4 bytes per window, made on the first draw of the epoch), and above that a keyed
+Feistel bijection of [0, n_windows) (no memory, no start-up cost; keys from the same rng).
 Step s's global batch is samples [s*G, (s+1)*G); dp rank r takes the contiguous slice
-[s*G + r*G/dp, s*G + (r+1)*G/dp). What a run sees is a pure function of (seed, G, step), never
-of dp_size, so a checkpoint resumes exactly on any number of data-parallel ranks. Tensor and
-pipeline peers build the loader with the same dp_rank and get identical batches.
+[s*G + r*G/dp, s*G + (r+1)*G/dp). What a run sees is a pure function of (dataset, seed, G,
+step), never of dp_size or the number of shards a rank has opened, so a checkpoint resumes
+exactly on any layout. Tensor and pipeline peers build the loader with the same dp_rank and
+get identical batches.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpt3d.errors import DataError
-
-TOKEN_DTYPE = np.uint16
-SPLITS = ("train", "val")
-DATASET_META = "meta.json"  # written last by prepare.py
-EVAL_SEED = 0  # eval order is fixed: every evaluation of a run sees the same val windows
-PREPARE_HINT = (
-    "run `python recipes/prepare.py --out DIR <text files or dirs>` "
-    "(no arguments: the bundled Shakespeare corpus in recipes/data/shakespeare)"
+from gpt3d.shards import (  # noqa: F401  (re-exported: the dataset API lives in gpt3d.data)
+    DATASET_META,
+    PREPARE_HINT,
+    SPLITS,
+    TOKEN_DTYPE,
+    Shard,
+    check_windows,
+    n_windows,
+    open_split,
+    read_dataset_meta,
+    token_files,
+    validate_dataset,
 )
 
-
-def token_files(data_dir: str | Path, split: str) -> list[Path]:
-    """The token files of one split of a prepared dataset, in order."""
-    return [Path(data_dir) / f"{split}.bin"]
-
-
-def count_tokens(path: str | Path, seq_len: int) -> int:
-    """Number of tokens in a .bin file, after checking it holds at least one sequence."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"token file {path} does not exist; {PREPARE_HINT}")
-    size = path.stat().st_size
-    if size == 0:
-        raise DataError(f"token file {path} is empty; {PREPARE_HINT}")
-    if size % np.dtype(TOKEN_DTYPE).itemsize:
-        raise DataError(f"token file {path} has an odd size, it is not uint16 ids; {PREPARE_HINT}")
-    n_tokens = size // np.dtype(TOKEN_DTYPE).itemsize
-    if n_tokens < seq_len + 1:
-        raise DataError(
-            f"token file {path} has {n_tokens} tokens, fewer than one sequence of seq_len + 1 = "
-            f"{seq_len + 1}; use a smaller seq_len or more text (for val.bin: a larger "
-            "--val-fraction in recipes/prepare.py)"
-        )
-    return n_tokens
+EVAL_SEED = 0  # eval order is fixed: every evaluation of a run sees the same val windows
+EXACT_SHUFFLE_WINDOWS = 1 << 24  # above this, the Feistel permutation (O(1) memory)
+FEISTEL_ROUNDS = 6
 
 
 class TokenDataset:
-    """One split as non-overlapping (x, y) windows of length seq_len over a uint16 memmap."""
+    """One split as non-overlapping (x, y) windows of length seq_len over its shards."""
 
-    def __init__(self, path: str | Path, seq_len: int):
+    def __init__(self, shards: list[Shard], seq_len: int):
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        self.path = Path(path)
-        self.seq_len = seq_len
-        self.n_tokens = count_tokens(self.path, seq_len)
-        self.tokens = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")  # (n_tokens,)
-        self.n_windows = (self.n_tokens - 1) // seq_len
+        self.shards, self.seq_len = list(shards), seq_len
+        self.starts = np.concatenate([[0], np.cumsum(n_windows(self.shards, seq_len))])
+        self.n_windows = int(self.starts[-1])  # (n_shards + 1,) starts; windows in all shards
+        self.n_tokens = sum(s.n_tokens for s in self.shards)
+        self._tokens: dict[int, np.memmap] = {}  # shard index -> memmap, opened on first use
+
+    @classmethod
+    def open(cls, data_dir: str | Path, split: str, seq_len: int) -> TokenDataset:
+        """The split's shards, header- and size-checked, in the dataset's format."""
+        shards = open_split(data_dir, split, read_dataset_meta(data_dir)["format"])
+        check_windows(shards, seq_len, split, Path(data_dir))
+        return cls(shards, seq_len)
+
+    def _shard_tokens(self, s: int) -> np.memmap:
+        if s not in self._tokens:
+            self._tokens[s] = self.shards[s].tokens()
+        return self._tokens[s]
 
     def windows(self, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window indices (B,) -> x, y int64 tensors (B, T)."""
+        """Global window indices (B,) -> x, y int64 tensors (B, T)."""
         T = self.seq_len
-        idx = np.asarray(w, dtype=np.int64)[:, None] * T + np.arange(T + 1)  # (B, T+1)
-        chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))  # (B, T+1)
+        w = np.asarray(w, dtype=np.int64)
+        assert w.size == 0 or 0 <= w.min() <= w.max() < self.n_windows, "window out of range"
+        shard = np.searchsorted(self.starts, w, side="right") - 1  # (B,) last start <= w
+        chunk = np.empty((len(w), T + 1), dtype=np.int64)  # (B, T+1)
+        for s in np.unique(shard):
+            sel = shard == s
+            idx = (w[sel] - self.starts[s])[:, None] * T + np.arange(T + 1)  # (b, T+1)
+            chunk[sel] = self._shard_tokens(int(s))[idx]
+        chunk = torch.from_numpy(chunk)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixing bijection of uint64 values (wraps mod 2**64)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def feistel_permute(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """A keyed bijection of [0, n), applied to x (B,) int64: a balanced Feistel network on
+    the smallest even bit width covering n, cycle-walking until each value lands in [0, n)
+    (the domain is < 4n, so a few passes on average)."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    out = np.asarray(x, dtype=np.uint64).copy()
+    todo = np.ones(out.shape, dtype=bool)  # every value takes at least one pass
+    while todo.any():
+        left, right = out[todo] >> shift, out[todo] & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        out[todo] = (left << shift) | right
+        todo[todo] = out[todo] >= np.uint64(n)
+    return out.astype(np.int64)
 
 
 class SampleOrder:
     """Global sample id -> window index; a pure function of (seed, id), one shuffle per epoch."""
 
-    def __init__(self, n_windows: int, seed: int):
+    def __init__(self, n_windows: int, seed: int, exact_limit: int = EXACT_SHUFFLE_WINDOWS):
         if not isinstance(seed, int | np.integer) or seed < 0:
             raise DataError(f"data seed must be a non-negative integer, got {seed!r}")
-        self.n_windows = n_windows
-        self.seed = int(seed)
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)  # cache: current epoch only
+        self.n_windows, self.seed, self.exact = n_windows, int(seed), n_windows <= exact_limit
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.uint32)  # cache: current epoch only
 
     def permutation(self, epoch: int) -> np.ndarray:
+        """The exact shuffle of an epoch (n_windows,) uint32; same order as permutation(n)."""
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._perm = epoch, rng.permutation(self.n_windows)
+            self._epoch = epoch
+            self._perm = rng.permutation(np.arange(self.n_windows, dtype=np.uint32))
         return self._perm
+
+    def _keys(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.integers(0, 2**64, size=FEISTEL_ROUNDS, dtype=np.uint64)
 
     def windows(self, sample_ids: np.ndarray) -> np.ndarray:
         """Sample ids (B,) -> window indices (B,); a batch may straddle an epoch boundary."""
@@ -103,7 +141,11 @@ class SampleOrder:
         out = np.empty_like(sample_ids)
         for e in np.unique(epochs):
             sel = epochs == e
-            out[sel] = self.permutation(int(e))[sample_ids[sel] % self.n_windows]
+            pos = sample_ids[sel] % self.n_windows
+            if self.exact:
+                out[sel] = self.permutation(int(e))[pos]
+            else:
+                out[sel] = feistel_permute(pos, self.n_windows, self._keys(int(e)))
         return out
 
 
@@ -123,8 +165,7 @@ class ShardedLoader:
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         _check_dp(global_batch_size, dp_rank, dp_size)
-        (path,) = token_files(data_dir, split)
-        self.dataset = TokenDataset(path, seq_len)
+        self.dataset = TokenDataset.open(data_dir, split, seq_len)
         self.order = SampleOrder(self.dataset.n_windows, seed)
         self.split, self.seq_len, self.seed = split, seq_len, int(seed)
         self.global_batch_size = global_batch_size
@@ -202,64 +243,3 @@ def eval_batches(
         raise DataError(f"eval_steps must be >= 1, got {eval_steps}")
     loader = ShardedLoader(data_dir, "val", seq_len, global_batch_size, EVAL_SEED, dp_rank, dp_size)
     return [loader.batch_for_step(s) for s in range(eval_steps)]
-
-
-def read_dataset_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / DATASET_META
-    if not path.is_file():
-        raise DataError(
-            f"{path} is missing; prepare writes it last, so the directory was not prepared or "
-            f"preparation was interrupted: {PREPARE_HINT}"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); {PREPARE_HINT}") from e
-    if meta.get("dtype") != "uint16":
-        raise DataError(f"{path} says dtype {meta.get('dtype')!r}; gpt3d reads uint16 ids")
-    return meta
-
-
-def check_token_ids(path: str | Path, vocab_size: int, chunk: int = 1 << 24) -> None:
-    """Raise on the first token id >= vocab_size, scanning the file chunk by chunk."""
-    if vocab_size > np.iinfo(TOKEN_DTYPE).max:
-        return  # every uint16 id fits
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")  # (n_tokens,)
-    for start in range(0, len(tokens), chunk):
-        bad = np.flatnonzero(tokens[start : start + chunk] >= vocab_size)
-        if bad.size:
-            pos = start + int(bad[0])
-            raise DataError(
-                f"{path}: token id {int(tokens[pos])} at position {pos} is >= the model's "
-                f"vocab_size {vocab_size}; the file was made with another tokenizer or is "
-                f"corrupted: {PREPARE_HINT}"
-            )
-
-
-def validate_dataset(
-    data_dir: str | Path, vocab_size: int, seq_len: int, check_ids: bool = True
-) -> dict:
-    """Check a prepared directory against the model before training; returns meta.json.
-    check_ids also scans every token id (rank 0 does it; the other ranks read the same files)."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist; {PREPARE_HINT}")
-    meta = read_dataset_meta(data_dir)
-    if meta.get("vocab_size") != vocab_size:
-        raise DataError(
-            f"{data_dir / DATASET_META} has vocab_size {meta.get('vocab_size')} but the model has "
-            f"vocab_size {vocab_size}; they must match (pad the embedding with the model's "
-            "pad_vocab_multiple, not vocab_size), or prepare the data with the model's tokenizer"
-        )
-    for split in SPLITS:
-        (path,) = token_files(data_dir, split)
-        n_tokens = count_tokens(path, seq_len)
-        expected = meta.get(f"{split}_tokens")
-        if expected is not None and expected != n_tokens:
-            raise DataError(
-                f"{path} has {n_tokens} tokens but {DATASET_META} says {expected}; the files come "
-                f"from different runs: {PREPARE_HINT}"
-            )
-        if check_ids:
-            check_token_ids(path, vocab_size)
-    return meta
