@@ -107,8 +107,12 @@ def verify(path: str | os.PathLike, gpt: GPTConfig | None = None) -> dict:
     return meta
 
 
+# Training knobs a resumed run may change: they alter no tensor and no sample order.
+_NOT_SHAPE = ("dropout", "moe_aux_coef", "moe_bias_rate", "moe_impl")
+
+
 def _check_same_shape(saved: GPTConfig, gpt: GPTConfig, path: Path) -> None:
-    keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
+    keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in _NOT_SHAPE]
     diff = [
         f"{k}={getattr(saved, k)} (now {getattr(gpt, k)})"
         for k in keys

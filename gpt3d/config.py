@@ -25,6 +25,7 @@ from typing import Any
 
 from gpt3d.errors import ConfigError
 from gpt3d.model import PRESETS, GPTConfig, preset_config
+from gpt3d.moe import IMPLS as MOE_IMPLS
 from gpt3d.parallel.dims import PP_SCHEDULES
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -77,6 +78,24 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout probability in [0, 1)", ge=0.0, lt=1.0)
     bias: bool = _f(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
     tie_embeddings: bool = _f(True, "share the token embedding with the output head")
+    # Mixture of Experts (docs/moe.md): shape keys take the preset's value when 0.
+    n_experts: int = _f(0, "routed experts per MoE block; 0 = the preset's (0: dense)", ge=0)
+    moe_top_k: int = _f(0, "experts each token is sent to; 0 = the preset's", ge=0)
+    moe_every: int = _f(
+        0, "block i is MoE iff i % moe_every == moe_every-1 (1: all); 0 = the preset's", ge=0
+    )
+    moe_hidden: int = _f(
+        0, "expert hidden width; 0 = the preset's (default 4*n_embd/moe_top_k)", ge=0
+    )
+    moe_aux_coef: float = _f(
+        1e-4, "DeepSeek-V3 sequence-wise balance loss coefficient (MoE only); 0 = off", ge=0.0
+    )
+    moe_bias_rate: float = _f(
+        1e-3, "aux-loss-free balancing bias step per optimizer step (MoE only); 0 = off", ge=0.0
+    )
+    moe_impl: str = _f(
+        "auto", "expert matmuls: grouped GEMM where supported, or a loop", choices=MOE_IMPLS
+    )
 
 
 @dataclass
@@ -148,6 +167,12 @@ class ParallelConfig:
     loss_parallel: bool = _f(True, "compute the loss on vocab-sharded logits (no all-gather)")
     dp_mode: str = _f("fsdp", "data-parallel wrapper", choices=("fsdp", "ddp"))
     timeout_s: float = _f(0.0, "collective timeout in seconds; 0 = 1800 on GPU, 120 on CPU", ge=0.0)
+    ep: int = _f(
+        1,
+        "expert-parallel degree (MoE): experts split over ep ranks borrowed from dp_shard "
+        "(dp_shard = ep x the experts' FSDP degree)",
+        ge=1,
+    )
 
 
 @dataclass
@@ -195,14 +220,21 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 def gpt_config(cfg: ModelConfig) -> GPTConfig:
     """The model shape: the preset with every non-zero dimension override applied."""
     dims = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    return preset_config(
+    model = preset_config(
         cfg.preset,
-        **{k: getattr(cfg, k) or None for k in dims},
+        **{k: getattr(cfg, k) or None for k in (*dims, *MOE_SHAPE_KEYS)},
         pad_vocab_multiple=cfg.pad_vocab_multiple,
         dropout=cfg.dropout,
         bias=cfg.bias,
         tie_embeddings=cfg.tie_embeddings,
     )
+    if not model.n_experts:  # a dense model keeps GPTConfig's MoE defaults
+        return model
+    moe = {k: getattr(cfg, k) for k in ("moe_aux_coef", "moe_bias_rate", "moe_impl")}
+    return dataclasses.replace(model, **moe)
+
+
+MOE_SHAPE_KEYS = ("n_experts", "moe_top_k", "moe_every", "moe_hidden")  # 0 = the preset's
 
 
 # ---------------------------------------------------------------------------------- lookup

@@ -12,14 +12,17 @@ from gpt3d.model import GPT
 
 
 def load_plain_model(path: str | os.PathLike) -> GPT:
-    """A plain GPT in eval mode from a DCP checkpoint directory (step-N, any layout) or a
-    Hugging Face GPT-2 directory / .safetensors file (e.g. recipes/export.py output)."""
+    """A plain GPT in eval mode from a DCP checkpoint directory (step-N, any layout), a
+    Hugging Face GPT-2 directory / .safetensors file or a MoE export (recipes/export.py)."""
     from gpt3d.checkpoint_dir import CHECKPOINT_META, TMP_SUFFIX, load_model_state_dict
     from gpt3d.hf import load_hf
+    from gpt3d.moe_hf import is_moe_export, load_moe_hf
 
     path = Path(path)
     if (path / CHECKPOINT_META).is_file() or path.name.endswith(TMP_SUFFIX):  # DCP (.tmp: an error)
         cfg, sd = load_model_state_dict(path)
+    elif is_moe_export(path):  # recipes/export.py of a Mixture-of-Experts model
+        cfg, sd = load_moe_hf(path)
     else:
         cfg, sd = load_hf(path)
     model = GPT(cfg)

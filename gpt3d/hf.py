@@ -107,6 +107,11 @@ def gpt_config_from_hf(hf_cfg: dict, *, pad_vocab_multiple: int = 1) -> GPTConfi
 
 
 def _check_representable(cfg: GPTConfig) -> None:
+    if cfg.n_experts:
+        raise CheckpointError(
+            "a Mixture-of-Experts model has no GPT-2 layout; recipes/export.py writes it in "
+            "gpt3d's Mixtral-style MoE layout (gpt3d/moe_hf.py, docs/moe.md)"
+        )
     if not cfg.bias:
         raise CheckpointError(
             "bias=False models cannot be exported to Hugging Face GPT-2 (its Linear/LayerNorm "

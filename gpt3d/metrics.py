@@ -31,8 +31,9 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM appendix B / nanoGPT): 6N + 12·L·C·T.
 
     N counts every parameter that takes part in a matmul: position embeddings are a lookup,
-    so they are left out; a tied wte/lm_head counts once (its matmul is the lm_head)."""
-    n = count_params_formula(cfg) - cfg.block_size * cfg.n_embd
+    so they are left out; a tied wte/lm_head counts once (its matmul is the lm_head); a MoE
+    block counts its router and the top-k experts a token uses (the active parameters)."""
+    n = count_params_formula(cfg, active=True) - cfg.block_size * cfg.n_embd
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
@@ -146,9 +147,17 @@ class ProgressMeter:
             "mfu": self.flops / dt / self.peak,
             "memory_gib": peak_memory_gib(self.device),
         }
+        moe = getattr(stats, "moe", None) or {}  # MoE balance (expert_parallel.py)
+        r.update(moe)
+        moe_text = (
+            f" | load {moe['moe_load_max']:.2f} | aux {moe['moe_aux_loss']:.2e} | "
+            f"bias spread {moe['moe_bias_spread']:.4f}"
+            if moe
+            else ""
+        )
         self.log(
             f"step {step:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | "
+            f"norm {r['grad_norm']:.3f}{moe_text} | {r['tokens_per_sec']:,.0f} tok/s | "
             f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_gib']:.2f} GiB | "
             f"eta {(self.total - step) * dt:.0f}s"
         )

@@ -23,6 +23,8 @@ all-reduce over every rank that saw different tokens -> update_expert_biases -> 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -251,3 +253,27 @@ def aux_loss_total(model: nn.Module) -> torch.Tensor:
 def reset_moe_stats(model: nn.Module) -> None:
     for m in moe_layers(model).values():
         m.reset_stats()
+
+
+@torch.no_grad()
+def reset_moe_state(model: nn.Module) -> None:
+    """Zero every layer's balancing bias (a buffer, so weight init never touches it) and
+    statistics: the state of a fresh run before any checkpoint is loaded (after to_empty)."""
+    for m in moe_layers(model).values():
+        m.expert_bias.zero_()
+        m.reset_stats()
+
+
+@contextlib.contextmanager
+def frozen_moe_stats(model: nn.Module):
+    """Forwards inside leave the token counts and aux-loss records as they were (a forward
+    that is not training, e.g. a pipeline stage's shape inference)."""
+    layers = list(moe_layers(model).values())
+    saved = [(m.tokens_per_expert.clone(), m.aux_loss.clone()) for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (tokens, aux) in zip(layers, saved, strict=True):
+                m.tokens_per_expert.copy_(tokens)
+                m.aux_loss.copy_(aux)

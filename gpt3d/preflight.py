@@ -43,6 +43,7 @@ class RunPlan:
     dataset: dict  # the dataset's meta.json
     resume: Path | None  # a verified checkpoint to continue from
     pretrained: object | None  # gpt3d.hf.LazyHFWeights to start from (never when resuming)
+    ep_rules: tuple = ()  # the plan's [experts] rules (gpt3d.parallel.expert_parallel)
 
     def describe(self) -> str:
         start = (
@@ -67,7 +68,9 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
     check_model(model, cfg)
     dims = resolve_dims(cfg.parallel, world_size)
     check_layout(dims, model, cfg.training, cfg.parallel)
-    rules = _tp_rules(model, cfg) if dims.tp > 1 else ()
+    rules = _plan_rules(model, cfg, dims) if dims.tp > 1 or dims.ep > 1 else ()
+    tp_rules = tuple(r for r in rules if r.section == "modules") if dims.tp > 1 else ()
+    ep_rules = tuple(r for r in rules if r.section == "experts")
     dataset = validate_dataset(
         cfg.data.dataset, model.vocab_size, cfg.training.seq_len, check_ids=rank == 0
     )
@@ -77,7 +80,7 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
         from gpt3d.hf import LazyHFWeights
 
         pretrained = LazyHFWeights(pretrained_path, model)  # checks every tensor's shape
-    return RunPlan(cfg, model, dims, tuple(rules), dataset, resume, pretrained)
+    return RunPlan(cfg, model, dims, tp_rules, dataset, resume, pretrained, ep_rules)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -139,6 +142,7 @@ def _take_pretrained_shape(cfg: Config, path: str) -> None:
 
 
 def check_model(model: GPTConfig, cfg: Config) -> None:
+    _check_moe(model, cfg)
     _require(
         model.n_embd % model.n_head == 0,
         f"model.n_embd={model.n_embd} must be divisible by model.n_head={model.n_head}; "
@@ -161,6 +165,7 @@ def check_layout(dims: ParallelDims, model: GPTConfig, training, parallel) -> No
     _check_tp(dims.tp, model, training, parallel)
     _check_pipeline(dims.pp, model, parallel)
     _check_batch(dims, training, parallel)
+    _check_experts(dims, model, training, parallel)
 
 
 def _check_tp(tp: int, model: GPTConfig, training, parallel) -> None:
@@ -253,19 +258,91 @@ def _check_batch(dims: ParallelDims, training, parallel) -> None:
     )
 
 
+def _check_moe(model: GPTConfig, cfg: Config) -> None:
+    """Mixture-of-Experts settings (docs/moe.md) that the model itself cannot run."""
+    from gpt3d.config import MOE_SHAPE_KEYS
+    from gpt3d.model import check_moe_config
+
+    if not model.n_experts:
+        given = [
+            f"model.{k}={getattr(cfg.model, k)}" for k in MOE_SHAPE_KEYS if getattr(cfg.model, k)
+        ]
+        _require(
+            not given,
+            f"{', '.join(given)} set on a dense model (preset {cfg.model.preset!r} has no "
+            "experts): set model.n_experts, or use preset moe-mini / gpt2-moe",
+        )
+        return
+    try:
+        check_moe_config(model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}; fix the [model] MoE settings") from None
+    _require(
+        not cfg.checkpoint.init_from,
+        "checkpoint.init_from loads a dense GPT-2; it cannot start a Mixture-of-Experts model "
+        f"(model.n_experts={model.n_experts}): train the MoE model from scratch",
+    )
+
+
+def _check_experts(dims: ParallelDims, model: GPTConfig, training, parallel) -> None:
+    """Expert parallelism borrows ep from dp_shard; experts under tp split their hidden dim."""
+    ep, E = dims.ep, model.n_experts
+    if ep > 1:
+        _require(
+            E > 0,
+            f"parallel.ep={ep} needs a Mixture-of-Experts model: set model.n_experts "
+            "(or preset moe-mini / gpt2-moe), or parallel.ep=1",
+        )
+        _require(
+            parallel.dp_mode == "fsdp",
+            f"parallel.ep={ep} is borrowed from the FSDP shard axis dp_shard; dp_mode=ddp has "
+            "none: use --parallel.dp_mode=fsdp",
+        )
+        _require(
+            dims.dp_shard % ep == 0,
+            f"parallel.ep={ep} must divide dp_shard={dims.dp_shard}: ep is borrowed from the "
+            "data-parallel shard axis (dp_shard = ep x the experts' FSDP degree); raise "
+            "parallel.dp_shard or lower parallel.ep",
+        )
+        _require(
+            E % ep == 0,
+            f"model.n_experts={E} is not divisible by parallel.ep={ep}: every ep rank holds "
+            f"n_experts/ep whole experts; pick ep dividing {E}",
+        )
+    if E and dims.tp > 1:
+        _require(
+            model.expert_hidden % dims.tp == 0,
+            f"the experts' hidden width {model.expert_hidden} is not divisible by parallel.tp="
+            f"{dims.tp} (tensor parallel splits each expert's hidden dim); set model.moe_hidden",
+        )
+    _require(
+        not (training.compile and E and (ep > 1 or dims.tp > 1)),
+        "training.compile with a MoE model runs on one process or data parallel only: the "
+        "expert dispatch (all-to-all with data-dependent splits) is not traced; set "
+        "--training.compile=false",
+    )
+
+
 # ---------------------------------------------------------------------------- plan, resume
 
 
-def _tp_rules(model: GPTConfig, cfg: Config) -> list:
+def _plan_rules(model: GPTConfig, cfg: Config, dims: ParallelDims) -> list:
+    """The plan file's rules ([modules] for tp, [experts] for MoE experts), checked against
+    the full model's module names (and, for a MoE model, which rules cover its experts)."""
     import torch
 
     from gpt3d.model import GPT
-    from gpt3d.parallel.tensor_parallel import load_checked_plan
+    from gpt3d.parallel.expert_parallel import check_expert_rules
+    from gpt3d.parallel.tensor_parallel import check_plan_matches, load_plan, plan_path
 
     with torch.device("meta"):
-        names = [n for n, _ in GPT(model).named_modules() if n]
+        types = {n: type(m).__name__ for n, m in GPT(model).named_modules() if n}
     p = cfg.parallel
-    return load_checked_plan(p.plan, p.sequence_parallel, names)
+    path = plan_path(p.plan, p.sequence_parallel, moe=model.n_experts > 0)
+    rules = load_plan(path)
+    check_expert_rules(rules, types, path, dims.tp, dims.ep)
+    check_plan_matches(rules, list(types), path)
+    return rules
 
 
 def _verified_resume(cfg: Config, model: GPTConfig) -> Path | None:

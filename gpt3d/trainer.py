@@ -20,8 +20,10 @@ from gpt3d.data import ShardedLoader, eval_batches
 from gpt3d.errors import TrainingDiverged
 from gpt3d.loss import GlobalMeanLoss, detached_local, loss_parallel_context
 from gpt3d.model import init_value
+from gpt3d.moe import set_aux_scale
 from gpt3d.optim import build_optimizer, lr_at, set_lr
 from gpt3d.parallel.dims import build_mesh, dp_rank
+from gpt3d.parallel.expert_parallel import sync_expert_balance
 from gpt3d.parallel.parallelize import build_schedule, materialize, parallelize
 from gpt3d.parallel.utils import (
     clip_grads_,
@@ -44,6 +46,7 @@ class StepStats:
     loss: float
     grad_norm: float
     lr: float
+    moe: dict | None = None  # MoE balance metrics (expert_parallel.sync_expert_balance)
 
 
 class Trainer:
@@ -59,6 +62,8 @@ class Trainer:
         self.parts = parallelize(run, self.mesh)
         mask_mesh = self.mesh["tp"] if self.loss_parallel else None
         materialize(self.parts, self.env.device, self._initial_weights(), mask_mesh)
+        for chunk in self.parts.chunks:  # the aux loss's gradient scale: coef / global sequences
+            set_aux_scale(chunk, self.model_cfg.moe_aux_coef / t.global_batch_size)
         if self.dims.pp > 1:
             build_schedule(self.parts, self.mesh, self.env.device, p, self.loss_fn)
         self.params = self.parts.parameters()
@@ -123,8 +128,11 @@ class Trainer:
                 f"lower training.lr (now {t.lr}) or check the data"
             )
         self.optimizer.step()
+        moe = None
+        if self.model_cfg.n_experts:  # balancing biases move after the step, before the next
+            moe = sync_expert_balance(self.parts.chunks, self.mesh)
         self.state.step += 1
-        return StepStats(loss_value, norm, lr)
+        return StepStats(loss_value, norm, lr, moe)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One microbatch (or one pipeline schedule run); returns its share of the loss."""

@@ -1,5 +1,6 @@
 """Export a gpt3d DCP checkpoint (saved on any layout) to a Hugging Face GPT-2 directory:
 model.safetensors + config.json, loadable by transformers.GPT2LMHeadModel.from_pretrained.
+A Mixture-of-Experts model is written with Mixtral-style names instead (gpt3d/moe_hf.py).
 
     python recipes/export.py --checkpoint out/shakespeare/checkpoints/step-120 --out out/hf
     python recipes/export.py --checkpoint auto --output_dir out/shakespeare --out out/hf
@@ -41,13 +42,17 @@ def export(argv: list[str]) -> int:
     from gpt3d.checkpoint_dir import find_checkpoint, load_model_state_dict
     from gpt3d.hf import save_hf
     from gpt3d.model import describe
+    from gpt3d.moe_hf import save_moe_hf
 
     args = parse_args(argv)
     t0 = time.perf_counter()
     path = find_checkpoint(args.checkpoint, args.output_dir)
     cfg, sd = load_model_state_dict(path)
     dtype = getattr(torch, args.dtype)
-    save_hf(args.out, {k: v.to(dtype) for k, v in sd.items()}, cfg)
+    if cfg.n_experts:  # no GPT-2 layout: Mixtral-style names (gpt3d/moe_hf.py)
+        save_moe_hf(args.out, sd, cfg, dtype)
+    else:
+        save_hf(args.out, {k: v.to(dtype) for k, v in sd.items()}, cfg)
     took = time.perf_counter() - t0
     print(f"exported {path} -> {args.out} ({args.dtype}; {describe(cfg)}) in {took:.1f}s")
     return 0

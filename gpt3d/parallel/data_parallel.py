@@ -22,9 +22,18 @@ def dp_mesh(mesh, dims):
 
 
 def apply_data_parallel(
-    model: nn.Module, mesh, dims, mode: str, param_dtype: torch.dtype | None, pipelined: bool
+    model: nn.Module,
+    mesh,
+    dims,
+    mode: str,
+    param_dtype: torch.dtype | None,
+    pipelined: bool,
+    experts: list[nn.Module] = (),
+    expert_mesh=None,
 ) -> None:
-    """Wrap each transformer block, then the stage root, in FSDP2 or replicate (in place)."""
+    """Wrap each transformer block, then the stage root, in FSDP2 or replicate (in place).
+    experts: expert-parallel modules (gpt3d/parallel/expert_parallel.py), wrapped first over
+    expert_mesh's efsdp axis (what dp_shard leaves after ep), so the blocks skip them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dmesh = dp_mesh(mesh, dims)
@@ -44,6 +53,10 @@ def apply_data_parallel(
                 m, mesh=dmesh, mp_policy=mp_policy, reshard_after_forward=not pipelined
             )
 
+    for m in experts:
+        axes = ("dp_replicate", "efsdp") if dims.dp_replicate > 1 else ("efsdp",)
+        emesh = expert_mesh[axes] if len(axes) > 1 else expert_mesh[axes[0]]
+        fully_shard(m, mesh=emesh, mp_policy=mp_policy, reshard_after_forward=not pipelined)
     for block in model.h.values():
         wrap(block)
     wrap(model)

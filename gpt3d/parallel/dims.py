@@ -33,6 +33,12 @@ class ParallelDims:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    ep: int = 1  # expert parallel: a sub-axis of dp_shard, not a factor of the world size
+
+    @property
+    def efsdp(self) -> int:
+        """FSDP degree of expert-parallel experts: what dp_shard leaves after ep."""
+        return self.dp_shard // self.ep
 
     @property
     def dp(self) -> int:
@@ -43,8 +49,9 @@ class ParallelDims:
         return self.pp * self.dp * self.tp
 
     def describe(self) -> str:
+        ep = f" (ep={self.ep})" if self.ep > 1 else ""
         return (
-            f"pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} "
+            f"pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}{ep} "
             f"x tp={self.tp}"
         )
 
@@ -68,7 +75,7 @@ def resolve_dims(parallel, world_size: int) -> ParallelDims:
         dp_rep, dp_shard = (p.dp_replicate * rest, 1) if ddp else (p.dp_replicate, rest)
     else:
         dp_rep, dp_shard = p.dp_replicate, p.dp_shard
-    dims = ParallelDims(pp=p.pp, dp_replicate=dp_rep, dp_shard=dp_shard, tp=p.tp)
+    dims = ParallelDims(pp=p.pp, dp_replicate=dp_rep, dp_shard=dp_shard, tp=p.tp, ep=p.ep)
     if dims.world_size != world_size:
         raise ConfigError(_world_message(world_size, p, dims.world_size, "does not equal"))
     return dims
@@ -94,6 +101,15 @@ def build_mesh(dims: ParallelDims, device_type: str):
 
     shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp)
     return init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+
+
+def expert_mesh(mesh, dims: ParallelDims):
+    """The mesh expert parallelism runs on, or None when ep == 1: dp_shard split into
+    ("efsdp", "ep"), ep innermost so all-to-all peers are neighbouring ranks (torchtitan's
+    layout). Axes (pp, dp_replicate, efsdp, ep, tp); call once, it creates process groups."""
+    if dims.ep == 1:
+        return None
+    return mesh._unflatten("dp_shard", (dims.efsdp, dims.ep), ("efsdp", "ep"))
 
 
 def dp_rank(mesh, dims: ParallelDims) -> int:

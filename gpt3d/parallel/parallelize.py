@@ -2,7 +2,8 @@
 steps that gpt3d/trainer.py calls one after the other:
 
     1. parallelize(run, mesh)        GPT on meta -> pipeline split -> tensor parallel (plan
-                                     file) -> activation checkpointing -> compile per block
+                                     file) -> expert parallel (its [experts] rules) ->
+                                     activation checkpointing -> compile per block
                                      -> FSDP2 / HSDP / DDP                   (no memory yet)
     2. materialize(parts, device, weights)   allocate this rank's shards, fill them from
                                      weights(name, full_shape) (init or pretrained)
@@ -21,9 +22,11 @@ import torch
 from torch import nn
 
 from gpt3d.model import GPT
+from gpt3d.moe import frozen_moe_stats, moe_layers, reset_moe_state
 from gpt3d.parallel import pipeline as pp_lib
 from gpt3d.parallel.data_parallel import apply_data_parallel
-from gpt3d.parallel.dims import n_microbatches
+from gpt3d.parallel.dims import expert_mesh, n_microbatches
+from gpt3d.parallel.expert_parallel import apply_expert_parallel
 from gpt3d.parallel.tensor_parallel import apply_tensor_parallel, retie_embeddings
 
 Weights = Callable[[str, torch.Size], torch.Tensor]  # (name, full shape) -> full fp32 tensor
@@ -71,17 +74,22 @@ def parallelize(run, mesh) -> ModelParts:
     parallel, training, dims = run.config.parallel, run.config.training, run.dims
     stage_ids, layers = _stage_layout(run, mesh)
     param_dtype = torch.bfloat16 if training.dtype == "bfloat16" else None
+    emesh = expert_mesh(mesh, dims)  # (pp, dp_replicate, efsdp, ep, tp) when ep > 1
     chunks = []
     for s in stage_ids:
         chunk = pp_lib.build_stage_module(run.model, s, len(layers), layers[s])
         if dims.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], run.tp_rules, parallel.loss_parallel)
+        tp_mesh = mesh["tp"] if dims.tp > 1 else None
+        experts = apply_expert_parallel(chunk, run.ep_rules, emesh, tp_mesh)
         apply_activation_checkpointing(chunk, training.activation_checkpointing, training.ac_every)
         if training.compile:
             for block in chunk.h.values():
                 block.compile()
         if mesh is not None:
-            apply_data_parallel(chunk, mesh, dims, parallel.dp_mode, param_dtype, dims.pp > 1)
+            apply_data_parallel(
+                chunk, mesh, dims, parallel.dp_mode, param_dtype, dims.pp > 1, experts, emesh
+            )
         chunks.append(chunk)
     return ModelParts(chunks, stage_ids, len(layers))
 
@@ -121,6 +129,7 @@ def materialize(parts: ModelParts, device: torch.device, weights: Weights, vocab
         retie_embeddings(chunk)  # to_empty of a plain module allocates the tied names apart
         _rebuild_vocab_mask(chunk, device, vocab_mask_mesh)
         load_weights(chunk, weights)
+        reset_moe_state(chunk)  # MoE balancing bias (persistent): a fresh run starts at 0
 
 
 def _rebuild_vocab_mask(model: GPT, device: torch.device, tp_mesh) -> None:
@@ -176,5 +185,22 @@ def build_schedule(parts: ModelParts, mesh, device: torch.device, parallel, loss
         pp_lib.build_pipeline_stage(chunk, s, parts.n_stages, device, group)
         for chunk, s in zip(parts.chunks, parts.stage_ids, strict=True)
     ]
+    for stage, chunk in zip(stages, parts.chunks, strict=True):
+        _uncounted_metadata_inference(stage, chunk)
     m = n_microbatches(parallel)
     parts.schedule = pp_lib.build_schedule(parallel.pp_schedule, stages, m, loss_fn)
+
+
+def _uncounted_metadata_inference(stage, chunk: GPT) -> None:
+    """torch.distributed.pipelining runs each stage's forward once on example tensors to
+    learn shapes (metadata inference: at the first step and after every eval <-> train
+    switch). MoE token counts and aux losses must not see that forward: it is no training."""
+    infer = getattr(stage, "_prepare_forward_infra", None)
+    if infer is None or not moe_layers(chunk):
+        return
+
+    def prepare_forward_infra(*args, **kwargs):
+        with frozen_moe_stats(chunk):
+            return infer(*args, **kwargs)
+
+    stage._prepare_forward_infra = prepare_forward_infra

@@ -12,8 +12,12 @@ your own file. A plan file maps module-name globs to parallel styles:
     output_layouts = "shard(1)"            # replicate | shard(<dim>)
 
 Globs match dot-separated name segments one by one ("h.*.attn" matches "h.3.attn", never
-"h.3.attn.q_proj"). Every glob must match a module of the full model; a pipeline stage
-simply skips the entries for modules it does not hold.
+"h.3.attn.q_proj"). Every glob must match a module of the full model (an entry with
+`optional = true` may match none: the dense-MLP rules of a plan for MoE models whose blocks
+may all be MoE); a pipeline stage simply skips the entries for modules it does not hold.
+
+A plan for Mixture-of-Experts models also has [experts."<glob>"] entries (style
+"expert_parallel"), applied by gpt3d/parallel/expert_parallel.py over the ep and tp axes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from gpt3d.errors import PlanError
 
 PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"  # package data
 DEFAULT_PLAN, DEFAULT_SP_PLAN = "gpt_tp", "gpt_tp_sp"
+DEFAULT_MOE_PLAN, DEFAULT_MOE_SP_PLAN = "gpt_moe", "gpt_moe_sp"  # models with n_experts > 0
 
 LAYOUT_RE = re.compile(r"^\s*(replicate|shard\s*\(\s*(-?\d+)\s*\))\s*$", re.IGNORECASE)
 
@@ -42,6 +47,8 @@ STYLE_KEYS = {
     "prepare_module_input": {"input_layouts", "desired_input_layouts", "use_local_output"},
     "prepare_module_output": {"output_layouts", "desired_output_layouts", "use_local_output"},
 }
+EXPERT_STYLE_KEYS = {"expert_parallel": set()}  # [experts] section (expert_parallel.py)
+SECTIONS = {"modules": STYLE_KEYS, "experts": EXPERT_STYLE_KEYS}
 
 
 @dataclass(frozen=True)
@@ -49,16 +56,19 @@ class Rule:
     glob: str
     style: str
     options: dict = field(default_factory=dict)
+    section: str = "modules"  # "modules": tensor parallel; "experts": expert parallel
+    optional: bool = False  # may match no module of the model
 
     def matches(self, name: str) -> bool:
         pattern, parts = self.glob.split("."), name.split(".")
         return len(pattern) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pattern))
 
 
-def plan_path(plan: str, sequence_parallel: bool) -> Path:
-    """parallel.plan -> the file: "" = the default for (no) sequence parallelism, a bare name
-    = a plan shipped in gpt3d/plans, anything else = a path (relative to the cwd)."""
-    plan = plan or (DEFAULT_SP_PLAN if sequence_parallel else DEFAULT_PLAN)
+def plan_path(plan: str, sequence_parallel: bool, moe: bool = False) -> Path:
+    """parallel.plan -> the file: "" = the default for (no) sequence parallelism (and a MoE
+    model), a bare name = a plan shipped in gpt3d/plans, anything else = a path."""
+    defaults = (DEFAULT_MOE_PLAN, DEFAULT_MOE_SP_PLAN) if moe else (DEFAULT_PLAN, DEFAULT_SP_PLAN)
+    plan = plan or defaults[sequence_parallel]
     if "/" not in plan and not plan.endswith(".toml"):
         shipped = sorted(p.stem for p in PLANS_DIR.glob("*.toml"))
         if plan not in shipped:
@@ -82,30 +92,32 @@ def load_plan(path: str | Path) -> list[Rule]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"plan file {path} is not valid TOML: {e}") from e
-    unknown = set(data) - {"modules", "description"}
-    if unknown or not isinstance(data.get("modules"), dict):
+    unknown = set(data) - {*SECTIONS, "description"}
+    tables = [s for s in SECTIONS if isinstance(data.get(s), dict)]
+    if unknown or not tables:
         raise PlanError(
-            f'plan file {path}: expected [modules."<glob>"] tables (and an optional '
-            f"description), found {sorted(unknown) or 'no [modules] table'}"
+            f'plan file {path}: expected [modules."<glob>"] / [experts."<glob>"] tables (and '
+            f"an optional description), found {sorted(unknown) or 'no such table'}"
         )
-    return [_parse_rule(path, glob, entry) for glob, entry in data["modules"].items()]
+    return [_parse_rule(path, s, glob, entry) for s in tables for glob, entry in data[s].items()]
 
 
-def _parse_rule(path: Path, glob: str, entry) -> Rule:
-    where = f'plan file {path}, entry [modules."{glob}"]'
+def _parse_rule(path: Path, section: str, glob: str, entry) -> Rule:
+    where, styles = f'plan file {path}, entry [{section}."{glob}"]', SECTIONS[section]
     if not isinstance(entry, dict) or "style" not in entry:
-        raise PlanError(f"{where}: needs style = one of {sorted(STYLE_KEYS)}")
+        raise PlanError(f"{where}: needs style = one of {sorted(styles)}")
     style = entry["style"]
-    if style not in STYLE_KEYS:
-        close = difflib.get_close_matches(str(style), STYLE_KEYS, n=1)
+    if style not in styles:
+        close = difflib.get_close_matches(str(style), styles, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise PlanError(f"{where}: unknown style {style!r}{hint}; use one of {sorted(STYLE_KEYS)}")
-    options = {k: v for k, v in entry.items() if k != "style"}
-    bad = set(options) - STYLE_KEYS[style]
+        raise PlanError(f"{where}: unknown style {style!r}{hint}; use one of {sorted(styles)}")
+    options = {k: v for k, v in entry.items() if k not in ("style", "optional")}
+    bad = set(options) - styles[style]
     if bad:
-        raise PlanError(
-            f"{where}: style {style} takes {sorted(STYLE_KEYS[style])}, not {sorted(bad)}"
-        )
+        raise PlanError(f"{where}: style {style} takes {sorted(styles[style])}, not {sorted(bad)}")
+    optional = entry.get("optional", False)
+    if not isinstance(optional, bool):
+        raise PlanError(f"{where}: optional = {optional!r} must be true or false")
     for key, value in options.items():
         if key.endswith("layouts"):
             values = value if isinstance(value, list) else [value]
@@ -114,13 +126,13 @@ def _parse_rule(path: Path, glob: str, entry) -> Rule:
                     raise PlanError(
                         f"{where}: {key} = {value!r}: layouts are 'replicate' or 'shard(<dim>)'"
                     )
-    return Rule(glob=glob, style=style, options=options)
+    return Rule(glob, style, options, section, optional)
 
 
 def check_plan_matches(rules: list[Rule], module_names: list[str], path) -> None:
     """Every glob must match at least one module of the full model."""
     for rule in rules:
-        if not any(rule.matches(n) for n in module_names):
+        if not rule.optional and not any(rule.matches(n) for n in module_names):
             literal = rule.glob.replace("*", "0")
             close = difflib.get_close_matches(literal, module_names, n=3, cutoff=0.5)
             raise PlanError(
@@ -160,7 +172,7 @@ def plan_for(rules: list[Rule], model: nn.Module, loss_parallel: bool) -> dict:
     plan = {}
     for name, _ in model.named_modules():
         for rule in rules:
-            if name and rule.matches(name):
+            if name and rule.section == "modules" and rule.matches(name):
                 plan[name] = build_style(
                     rule, gather_logits=(name == "lm_head" and not loss_parallel)
                 )
