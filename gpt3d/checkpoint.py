@@ -58,6 +58,7 @@ class Checkpointer:
         """run: the gpt3d.preflight.RunPlan (checkpoint settings, model shape, layout)."""
         self.cfg, self.run = run.config.checkpoint, run
         self.parts, self.optimizer, self.loader, self.state = parts, optimizer, loader, state
+        self.grad_sync = parts.grad_sync  # PowerSGD's errors and Q, when compressing
         self.log = log
         self.root = checkpoint_root(run.config.job.output_dir)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -173,6 +174,7 @@ class Checkpointer:
             "config": config_to_dict(run.config),
             "world_size": self.world,
             "layout": run.dims.describe(),
+            "grad_sync": self.grad_sync.describe() if self.grad_sync else None,
             "time": time.time(),
         }
 
@@ -181,7 +183,10 @@ class Checkpointer:
         model, optim = get_state_dict(self.view, self.optimizer, options=_OPTIONS)
         if self.tied:  # one copy of a tied embedding, under wte's name; the head copy is equal
             model, optim = _without_head(model), _without_head(optim)
-        return {"model": model, "optim": optim, "rng": _rng_state(self.rank)}
+        state = {"model": model, "optim": optim, "rng": _rng_state(self.rank)}
+        if self.grad_sync is not None and self.grad_sync.describe():
+            state["grad_sync"] = self.grad_sync.state_dict()
+        return state
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, step, data position (and RNG on the same world size)."""
@@ -196,6 +201,7 @@ class Checkpointer:
         rng = _rng_state(self.rank) if same_world else {}
         if rng:
             request["rng"] = rng
+        sync_note = self._request_grad_sync(request, meta)
         # In place: these are the live parameters and optimizer state.
         dcp.load(request, storage_reader=SafeFileSystemReader(path), no_dist=self.world == 1)
         if self.tied:
@@ -211,11 +217,22 @@ class Checkpointer:
         if rng:
             _set_rng_state(rng, self.rank)
         self.state.step = self.last_saved = int(meta["step"])
-        note = "" if same_world else "; RNG reseeded (different world size)"
+        note = ("" if same_world else "; RNG reseeded (different world size)") + sync_note
         self.log(
             f"resumed from {path} at step {meta['step']} (saved on {meta['layout']}, "
             f"{meta['world_size']} ranks){note}"
         )
+
+    def _request_grad_sync(self, request: dict, meta: dict) -> str:
+        """Compressor state is read only when it was saved by the same compressor on the same
+        layout (its tensors are per-rank local shards); otherwise it starts afresh."""
+        mine = self.grad_sync.describe() if self.grad_sync is not None else None
+        if mine is None:
+            return ""
+        if meta.get("grad_sync") != mine:
+            return f"; {mine.split(' on ')[0]} state starts afresh (not saved on this layout)"
+        request["grad_sync"] = self.grad_sync.state_dict()
+        return ""
 
 
 # ---------------------------------------------------------------- helpers

@@ -166,6 +166,28 @@ class ParallelConfig:
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations over the sequence")
     loss_parallel: bool = _f(True, "compute the loss on vocab-sharded logits (no all-gather)")
     dp_mode: str = _f("fsdp", "data-parallel wrapper", choices=("fsdp", "ddp"))
+    grad_reduce_dtype: str = _f(
+        "float32",
+        "dtype of the data-parallel gradient reduction on every dp axis; float16 is scaled by "
+        "a power of two per buffer so small gradients do not underflow (docs/compression.md)",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    grad_reduce_dtype_replicate: str = _f(
+        "",
+        "dtype of the reduction over dp_replicate only (HSDP's inter-node axis, DDP's axis); "
+        "empty = grad_reduce_dtype",
+        choices=("", "float32", "bfloat16", "float16"),
+    )
+    grad_compression: str = _f(
+        "none",
+        "low-rank compression of the all-reduce over dp_replicate (ddp mode or HSDP): "
+        "powersgd = rank powersgd_rank with warm start and error feedback",
+        choices=("none", "powersgd"),
+    )
+    powersgd_rank: int = _f(4, "rank of PowerSGD's gradient approximation", ge=1)
+    powersgd_start_step: int = _f(
+        10, "optimizer steps reduced uncompressed before PowerSGD starts", ge=0
+    )
     timeout_s: float = _f(0.0, "collective timeout in seconds; 0 = 1800 on GPU, 120 on CPU", ge=0.0)
     ep: int = _f(
         1,

@@ -165,6 +165,7 @@ def check_layout(dims: ParallelDims, model: GPTConfig, training, parallel) -> No
     _check_tp(dims.tp, model, training, parallel)
     _check_pipeline(dims.pp, model, parallel)
     _check_batch(dims, training, parallel)
+    _check_grad_reduction(dims, parallel)
     _check_experts(dims, model, training, parallel)
 
 
@@ -320,6 +321,31 @@ def _check_experts(dims: ParallelDims, model: GPTConfig, training, parallel) -> 
         "training.compile with a MoE model runs on one process or data parallel only: the "
         "expert dispatch (all-to-all with data-dependent splits) is not traced; set "
         "--training.compile=false",
+    )
+
+
+def _check_grad_reduction(dims: ParallelDims, parallel) -> None:
+    """Gradient compression names the dp_replicate axis: it needs one that all-reduces."""
+    from gpt3d.parallel.compression import replicate_all_reduces
+
+    _require(
+        not parallel.grad_reduce_dtype_replicate or dims.dp_replicate > 1,
+        f"parallel.grad_reduce_dtype_replicate={parallel.grad_reduce_dtype_replicate} sets "
+        "the dtype over dp_replicate, and this layout has dp_replicate=1; drop it, or use "
+        "parallel.grad_reduce_dtype (every data-parallel axis)",
+    )
+    if parallel.grad_compression != "powersgd" or replicate_all_reduces(dims, parallel.dp_mode):
+        return
+    why = (
+        "this layout has dp_replicate=1"
+        if dims.dp_replicate == 1
+        else "with dp_mode=fsdp and dp_shard=1 FSDP shards over dp_replicate"
+    )
+    raise ConfigError(
+        f"parallel.grad_compression=powersgd compresses the all-reduce over dp_replicate, and "
+        f"{why}: an FSDP reduce-scatter cannot be low-rank compressed (each rank keeps only "
+        "its shard); use --parallel.dp_mode=ddp, HSDP (dp_replicate > 1 and dp_shard > 1), "
+        "or --parallel.grad_reduce_dtype=bfloat16"
     )
 
 

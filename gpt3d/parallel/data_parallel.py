@@ -4,6 +4,11 @@ DDP uses the FSDP-based `replicate` (torch.distributed._composable.replicate_wit
 unlike classic DistributedDataParallel it composes with pipelining and tensor parallelism.
 Both reduce gradients with SUM (divide factor 1): the loss is already the global mean
 (gpt3d/loss.py), so a second division by the data-parallel degree would be wrong.
+
+The reduction's dtype and compression come from a ReductionPlan (gpt3d/parallel/
+compression.py). When the dp_replicate all-reduce is compressed beyond what FSDP2 can send
+(float16, a dtype of its own, PowerSGD), FSDP2 covers dp_shard only and GradSync all-reduces
+over dp_replicate after backward.
 """
 
 from __future__ import annotations
@@ -11,14 +16,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpt3d.parallel.compression import (
+    DTYPES,
+    GradSync,
+    ReductionPlan,
+    ScaledFP16ReduceScatter,
+    plan_reduction,
+)
 
-def dp_mesh(mesh, dims):
-    """The mesh (1-D or 2-D) that data parallelism reduces over, or None."""
-    if dims.dp == 1:
+
+def dp_mesh(mesh, plan: ReductionPlan):
+    """The mesh (1-D or 2-D) FSDP2 / replicate reduces over, or None."""
+    if not plan.fsdp_axes:
         return None
-    if dims.dp_replicate > 1 and dims.dp_shard > 1:
-        return mesh["dp_replicate", "dp_shard"]  # HSDP: replicate across, shard within
-    return mesh["dp_shard"] if dims.dp_shard > 1 else mesh["dp_replicate"]
+    axes = plan.fsdp_axes
+    return mesh[axes] if len(axes) > 1 else mesh[axes[0]]
 
 
 def apply_data_parallel(
@@ -28,20 +40,25 @@ def apply_data_parallel(
     mode: str,
     param_dtype: torch.dtype | None,
     pipelined: bool,
+    plan: ReductionPlan | None = None,
     experts: list[nn.Module] = (),
     expert_mesh=None,
 ) -> None:
     """Wrap each transformer block, then the stage root, in FSDP2 or replicate (in place).
+    plan: from compression.plan_reduction; None = float32 everywhere (the default).
     experts: expert-parallel modules (gpt3d/parallel/expert_parallel.py), wrapped first over
     expert_mesh's efsdp axis (what dp_shard leaves after ep), so the blocks skip them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dmesh = dp_mesh(mesh, dims)
+    plan = plan or default_plan(dims, mode)
+    dmesh = dp_mesh(mesh, plan)
     if dmesh is None:
         return
-    # bf16 compute, fp32 gradient reduction; master weights stay fp32.
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if mode == "ddp":
+    # Master weights stay fp32; param_dtype bf16 = bf16 compute. reduce_dtype: what the
+    # gradient collectives send (float16 goes as fp32 into the scaled custom reduce-scatter).
+    reduce_dtype = torch.float32 if plan.scaled_fp16 else DTYPES[plan.fsdp_dtype]
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if mode == "ddp" and plan.fsdp_axes == ("dp_replicate",):
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         def wrap(m):
@@ -54,7 +71,7 @@ def apply_data_parallel(
             )
 
     for m in experts:
-        axes = ("dp_replicate", "efsdp") if dims.dp_replicate > 1 else ("efsdp",)
+        axes = tuple("efsdp" if a == "dp_shard" else a for a in plan.fsdp_axes)
         emesh = expert_mesh[axes] if len(axes) > 1 else expert_mesh[axes[0]]
         fully_shard(m, mesh=emesh, mp_policy=mp_policy, reshard_after_forward=not pipelined)
     for block in model.h.values():
@@ -65,3 +82,19 @@ def apply_data_parallel(
             module.set_gradient_divide_factor(1.0)
             # plain SUM collectives (gloo has no PREMUL_SUM; NCCL gets zero-copy SUM)
             module.set_force_sum_reduction_for_comms(True)
+            if plan.scaled_fp16:
+                module.set_custom_reduce_scatter(ScaledFP16ReduceScatter())
+
+
+def default_plan(dims, mode: str) -> ReductionPlan:
+    """float32 on every axis, no compression."""
+    from gpt3d.config import ParallelConfig
+
+    return plan_reduction(ParallelConfig(dp_mode=mode), dims)
+
+
+def grad_sync(chunks: list[nn.Module], mesh, plan: ReductionPlan, seed: int, layout: str):
+    """gpt3d's own dp_replicate all-reduce when the plan compresses it, else None."""
+    if plan.sync_dtype is None:
+        return None
+    return GradSync(chunks, mesh["dp_replicate"].get_group(), plan, seed, layout)

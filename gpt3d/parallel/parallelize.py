@@ -24,7 +24,8 @@ from torch import nn
 from gpt3d.model import GPT
 from gpt3d.moe import frozen_moe_stats, moe_layers, reset_moe_state
 from gpt3d.parallel import pipeline as pp_lib
-from gpt3d.parallel.data_parallel import apply_data_parallel
+from gpt3d.parallel.compression import plan_reduction
+from gpt3d.parallel.data_parallel import apply_data_parallel, grad_sync
 from gpt3d.parallel.dims import expert_mesh, n_microbatches
 from gpt3d.parallel.expert_parallel import apply_expert_parallel
 from gpt3d.parallel.tensor_parallel import apply_tensor_parallel, retie_embeddings
@@ -35,12 +36,14 @@ Weights = Callable[[str, torch.Size], torch.Tensor]  # (name, full shape) -> ful
 @dataclass
 class ModelParts:
     """What one rank holds: its model chunks (one per pipeline stage it runs, each a GPT with
-    the parts of other stages removed) and, with pp > 1, the schedule that drives them."""
+    the parts of other stages removed), with pp > 1 the schedule that drives them, and when
+    the dp_replicate all-reduce is compressed the GradSync that runs it after backward."""
 
     chunks: list[GPT]
     stage_ids: list[int]
     n_stages: int
     schedule: object | None = None
+    grad_sync: object | None = None  # gpt3d.parallel.compression.GradSync
 
     @property
     def has_first(self) -> bool:
@@ -74,6 +77,7 @@ def parallelize(run, mesh) -> ModelParts:
     parallel, training, dims = run.config.parallel, run.config.training, run.dims
     stage_ids, layers = _stage_layout(run, mesh)
     param_dtype = torch.bfloat16 if training.dtype == "bfloat16" else None
+    reduction = plan_reduction(parallel, dims)  # gradient dtypes / compression per dp axis
     emesh = expert_mesh(mesh, dims)  # (pp, dp_replicate, efsdp, ep, tp) when ep > 1
     chunks = []
     for s in stage_ids:
@@ -88,10 +92,21 @@ def parallelize(run, mesh) -> ModelParts:
                 block.compile()
         if mesh is not None:
             apply_data_parallel(
-                chunk, mesh, dims, parallel.dp_mode, param_dtype, dims.pp > 1, experts, emesh
+                chunk,
+                mesh,
+                dims,
+                parallel.dp_mode,
+                param_dtype,
+                dims.pp > 1,
+                reduction,
+                experts,
+                emesh,
             )
         chunks.append(chunk)
-    return ModelParts(chunks, stage_ids, len(layers))
+    sync = None
+    if mesh is not None:
+        sync = grad_sync(chunks, mesh, reduction, run.config.job.seed, dims.describe())
+    return ModelParts(chunks, stage_ids, len(layers), grad_sync=sync)
 
 
 def _stage_layout(run, mesh) -> tuple[list[int], list[range]]:
