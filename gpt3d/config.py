@@ -221,6 +221,31 @@ class MetricsConfig:
     cpu_peak_tflops: float = _f(0.5, "peak TFLOP/s used on CPU when peak_tflops is 0", gt=0.0)
     tensorboard: bool = _f(False, "also write TensorBoard event files")
     plot: bool = _f(True, "loss-curve PNG at the end if matplotlib is installed")
+    wandb: bool = _f(
+        False,
+        "also log to Weights & Biases (rank 0; the metrics.jsonl fields and the config; "
+        "needs `pip install 'gpt3d[wandb]'`; WANDB_MODE=offline writes only locally)",
+    )
+    wandb_project: str = _f("gpt3d", "W&B project; the run is named after job.name")
+
+
+@dataclass
+class ProfilingConfig:
+    """torch.profiler traces (Chrome/Perfetto JSON) of a window of steps, on chosen ranks,
+    under <output_dir>/profile; open them in https://ui.perfetto.dev (docs/data.md)."""
+
+    trace: bool = _f(False, "write a torch.profiler trace of steps [start_step, +steps)")
+    start_step: int = _f(5, "first traced step (1 = the first step; one warm-up step before)", ge=1)
+    steps: int = _f(2, "number of traced steps", ge=1)
+    ranks: list[int] = _f([0], "global ranks that trace; [] = every rank")
+    record_shapes: bool = _f(False, "record operator input shapes")
+    profile_memory: bool = _f(False, "record tensor allocations and frees in the trace")
+    with_stack: bool = _f(False, "record Python stacks (larger traces)")
+    memory_snapshot: bool = _f(
+        False,
+        "CUDA only: also dump a CUDA caching-allocator snapshot of the same window "
+        "(memory_rank<r>.pickle, open at https://pytorch.org/memory_viz)",
+    )
 
 
 @dataclass
@@ -234,6 +259,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}

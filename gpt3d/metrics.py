@@ -68,17 +68,24 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl (and TensorBoard if asked)."""
+    """Appends one JSON object per record to metrics.jsonl (and TensorBoard / W&B if asked).
 
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = False):
+    wandb: wandb.init arguments (wandb_settings(cfg)) to log every record there too, same
+    fields and step, with the run's config."""
+
+    def __init__(
+        self, output_dir: str, enabled: bool, tensorboard: bool = False, wandb: dict | None = None
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             self.tb = _tensorboard_writer(Path(output_dir) / "tensorboard")
+        if wandb is not None:
+            self.wandb = _wandb_run(wandb)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -92,10 +99,15 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -107,6 +119,35 @@ def _tensorboard_writer(log_dir: Path):
             "pip install 'gpt3d[tensorboard]' (or set metrics.tensorboard = false)"
         ) from e
     return SummaryWriter(log_dir=str(log_dir))
+
+
+def wandb_settings(cfg) -> dict | None:
+    """wandb.init arguments for a run with metrics.wandb = true (else None): project, the run
+    named after job.name, files under <output_dir>/wandb, the whole config."""
+    if not cfg.metrics.wandb:
+        return None
+    from gpt3d.config import config_to_dict
+
+    return {
+        "project": cfg.metrics.wandb_project,
+        "name": cfg.job.name,
+        "dir": cfg.job.output_dir,
+        "config": config_to_dict(cfg),
+    }
+
+
+def _wandb_run(settings: dict):
+    try:
+        import wandb
+    except ImportError as e:  # wandb is optional
+        from gpt3d.errors import ConfigError
+
+        raise ConfigError(
+            "metrics.wandb = true needs the wandb package: pip install 'gpt3d[wandb]' "
+            "(or set metrics.wandb = false)"
+        ) from e
+    Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
+    return wandb.init(**settings)
 
 
 class ProgressMeter:

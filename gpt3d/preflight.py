@@ -68,6 +68,7 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
     check_model(model, cfg)
     dims = resolve_dims(cfg.parallel, world_size)
     check_layout(dims, model, cfg.training, cfg.parallel)
+    check_outputs(cfg, world_size)
     rules = _plan_rules(model, cfg, dims) if dims.tp > 1 or dims.ep > 1 else ()
     tp_rules = tuple(r for r in rules if r.section == "modules") if dims.tp > 1 else ()
     ep_rules = tuple(r for r in rules if r.section == "experts")
@@ -107,6 +108,30 @@ def check_values(cfg: Config) -> None:
         p.dp_shard == -1 or p.dp_shard >= 1,
         f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for the rest of the world size",
     )
+
+
+def check_outputs(cfg: Config, world_size: int) -> None:
+    """[profiling] ranks exist; optional packages the outputs need are installed."""
+    bad = [r for r in cfg.profiling.ranks if not 0 <= r < world_size]
+    _require(
+        not bad,
+        f"profiling.ranks={cfg.profiling.ranks}: rank(s) {bad} outside the world of "
+        f"{world_size}; use ranks in [0, {world_size}) or [] for every rank",
+    )
+    _require(
+        not cfg.metrics.wandb or _installed("wandb"),
+        "metrics.wandb = true needs the wandb package: pip install 'gpt3d[wandb]' "
+        "(or set metrics.wandb = false)",
+    )
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # sys.modules[package] is None: its import is blocked
+        return False
 
 
 # ---------------------------------------------------------------------------- model shape

@@ -35,9 +35,10 @@ def train(argv: list[str]) -> int:
     from gpt3d.checkpoint import Checkpointer
     from gpt3d.config import load_config
     from gpt3d.launch import StopOnSignal, warn_if_restarts_may_hang
-    from gpt3d.metrics import MetricsWriter, plot_loss_curve, progress_meter
+    from gpt3d.metrics import MetricsWriter, plot_loss_curve, progress_meter, wandb_settings
     from gpt3d.parallel.utils import dist_env
     from gpt3d.preflight import preflight
+    from gpt3d.profiling import StepProfiler
     from gpt3d.trainer import Trainer
 
     env = dist_env()
@@ -49,7 +50,9 @@ def train(argv: list[str]) -> int:
     ckpt = Checkpointer(run, trainer.parts, trainer.optimizer, trainer.loader, trainer.state, log)
     if run.resume is not None:
         ckpt.load(run.resume)
-    metrics = MetricsWriter(cfg.job.output_dir, env.is_main, cfg.metrics.tensorboard)
+    metrics = MetricsWriter(
+        cfg.job.output_dir, env.is_main, cfg.metrics.tensorboard, wandb_settings(cfg)
+    )
     meter = progress_meter(run, env, log, metrics)
     log(
         f"{run.describe()}; {env.world_size} x {env.device.type}; "
@@ -57,6 +60,9 @@ def train(argv: list[str]) -> int:
     )
     start, first_step, loss = time.perf_counter(), trainer.step, float("nan")
     stop = StopOnSignal()  # SIGTERM/SIGINT: save at the next step boundary, then exit 0
+    profiler = StepProfiler(
+        cfg.profiling, cfg.job.output_dir, env.rank, env.device, trainer.step, log
+    )
     while trainer.step < t.steps:
         stats = trainer.train_step()
         step, loss = trainer.step, stats.loss
@@ -64,10 +70,12 @@ def train(argv: list[str]) -> int:
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
             meter.eval(step, trainer.evaluate())
         ckpt.maybe_save()
+        profiler.step(step)  # [profiling]: a trace of the chosen steps, else nothing
         if stop.on_any_rank():
             log(f"signal {stop.received or 'on another rank'}: saving step {step} and stopping")
             ckpt.save()
             break
+    profiler.stop()
     ckpt.finish()  # final save (checkpoint.save_final) and any background write
     steps = trainer.step - first_step
     log(
