@@ -10,6 +10,8 @@ several scenarios per launch, so the launch cost is paid 5 times in all):
 - SIGTERM on one rank (async saves on): every rank saves the same step, the background
   write equals a synchronous save of that step, the job exits 0; SIGTERM to
   torchrun (cluster preemption): the workers save and exit cleanly;
+- a dataset of llm.c-format shards (3 train shards of unequal size): saved on (2, 1, 2),
+  resumed in 1 process, within 1e-5 and each sample exactly once;
 - Hugging Face GPT-2 (transformers' save_pretrained) -> init_from on (1, 2, 2) and (2, 1, 1)
   gives HF's logits; fine-tuned on (1, 2, 2) -> recipes/export.py -> from_pretrained gives
   gpt3d's logits.
@@ -84,6 +86,24 @@ def save_hf_model(directory: Path) -> None:
     model.save_pretrained(directory)
 
 
+def sharded_dataset(data: Path, out: Path) -> Path:
+    """The tokens of make_dataset in llm.c-format shards: train.bin cut into 3 unequal
+    shards (windows never cross a cut, so the windows differ from the one-file dataset)."""
+    import numpy as np
+
+    from gpt3d.shards import write_shard
+
+    out.mkdir()
+    train = np.fromfile(data / "train.bin", dtype=np.uint16)
+    for k, (a, b) in enumerate([(0, 5003), (5003, 12000), (12000, len(train))]):
+        write_shard(out / f"synthetic_train_{k:06d}.bin", train[a:b], "llmc")
+    write_shard(out / "synthetic_val_000000.bin", np.fromfile(data / "val.bin", np.uint16), "llmc")
+    meta = json.loads((data / "meta.json").read_text())
+    meta = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot_id", "dtype")}
+    (out / "meta.json").write_text(json.dumps({**meta, "format": "llmc"}))
+    return out
+
+
 def cases_for(root: Path, data: Path, hf: Path) -> dict[int, dict]:
     """world size -> {case: spec}; world 0 = plain python (one process)."""
     common = [*BASE, f"--data.dataset={data}"]
@@ -109,6 +129,12 @@ def cases_for(root: Path, data: Path, hf: Path) -> dict[int, dict]:
         "finetune_1_2_2", [*layout(1, 2, 2), *init, "--training.steps=2"]
     )
     launches[2]["hf_2_1_1"] = hf_logits(layout(2, 1, 1))
+    shards = [f"--data.dataset={sharded_dataset(data, root / 'shards')}"]
+    launches[4]["shards_ref"] = train("shards_ref", [*layout(2, 1, 2), *saves, *shards])
+    shards_resume = ["--checkpoint.resume", str(root / "shards_ref" / "checkpoints" / "step-4")]
+    launches[0]["shards_1_process"] = train(
+        "shards_1_process", [*layout(1, 1, 1), *shards, *shards_resume]
+    )
     sync3 = ["--checkpoint.interval=3", "--checkpoint.save_final=false"]
     launches[2]["ref_1_2_1"] = train("ref_1_2_1", [*layout(1, 2, 1), *sync3])
     async2 = ["--checkpoint.async_save=true", "--checkpoint.interval=2"]
@@ -188,6 +214,21 @@ def test_resume_continues_exactly(runs, case):
     before, after = drawn(root / "out" / "ref")[:SAVE_AT], drawn(root / "out" / case)
     ids = sum(before + after, [])
     assert ids == list(range(STEPS * G)), "samples repeated, skipped or reordered"
+
+
+def test_sharded_llmc_dataset_resumes_exactly_on_another_layout(runs):
+    root, procs = runs
+    ok(procs[4])
+    ok(procs[0])
+    assert len(list((root / "shards").glob("*train*.bin"))) == 3
+    ref, got = losses(root / "shards_ref"), losses(root / "shards_1_process")
+    assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+    diffs = [abs(got[s] - ref[s]) for s in got]
+    assert max(diffs) < 1e-5, diffs
+    assert ref != losses(root / "ref")  # other windows than the one-file dataset
+    before = drawn(root / "out" / "shards_ref")[:SAVE_AT]
+    after = drawn(root / "out" / "shards_1_process")
+    assert sum(before + after, []) == list(range(STEPS * G))
 
 
 def test_crash_in_save_and_restarts_resume_latest_complete(runs):
