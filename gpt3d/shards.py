@@ -108,8 +108,8 @@ def open_shard(path: str | Path, fmt: str) -> Shard:
         return _open_llmc(path, size)
     if size % 2:
         raise DataError(f"token file {path} has an odd size, it is not uint16 ids; {PREPARE_HINT}")
-    header = _header(path)
-    if header.size >= 3 and header[0] == LLMC_MAGIC and LLMC_HEADER_BYTES + 2 * header[2] == size:
+    header = [int(v) for v in _header(path)[:3]]
+    if len(header) == 3 and header[0] == LLMC_MAGIC and LLMC_HEADER_BYTES + 2 * header[2] == size:
         raise DataError(
             f"{path} is an llm.c shard (header magic {LLMC_MAGIC}) but the dataset's "
             f'{DATASET_META} says format \'raw\'; set "format": "llmc" there or remove it'
