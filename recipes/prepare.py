@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> dict:
         source = (
             list(args.inputs) if args.inputs else [(BUNDLED / "texts").relative_to(REPO).as_posix()]
         )
-        if total <= 2 * BATCH_BYTES:
-            workers = 1  # too little text to pay for starting processes
+        if total <= 16 * BATCH_BYTES:
+            workers = 1  # ~1 s of work: less than starting worker processes costs
     progress = None if args.quiet else Progress(total, unit)
     out = args.out or BUNDLED
     return prepare(
