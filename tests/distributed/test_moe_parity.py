@@ -6,9 +6,10 @@ weights on the same global batches as a 1-process run, and must match it like th
 parity suite: losses at every step (1e-5), grad norm (1e-5 relative), every step-1 gradient
 (1e-6), every final parameter (1e-5), and every layer's balancing bias after every step
 (identical: the biases move by sign(mean - tokens), integer counts summed over the dp axes).
-Layouts: ep 1/2/4 with FSDP (and HSDP), ep x pp (1F1B, Interleaved1F1B), ep x tp (experts'
-hidden dim split over tp), tp with sequence parallel on a mixed dense/MoE model, and
-ep2 x pp2 x tp2 on 8 processes. One launch per world size (tests/distributed/moe_worker.py).
+Layouts: ep 1/2/4 with FSDP (and HSDP), ep2 with full activation checkpointing (the
+recompute repeats the all-to-all), ep x pp (1F1B, Interleaved1F1B), ep x tp (experts' hidden
+dim split over tp), tp with sequence parallel on a mixed dense/MoE model, and ep2 x pp2 x tp2
+on 8 processes. One launch per world size (tests/distributed/moe_worker.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ EP, TP, SP = "--parallel.ep", "--parallel.tp", "--parallel.sequence_parallel=tru
 CASES = {
     "fsdp2_ep1": (2, "moe", []),
     "ep2": (2, "moe", [f"{EP}=2"]),
+    "ep2_ac_full": (2, "moe", [f"{EP}=2", "--training.activation_checkpointing=full"]),
     "tp2": (2, "moe", [f"{TP}=2"]),
     "tp2_sp_mixed": (2, "mixed", [f"{TP}=2", SP]),
     "ep4": (4, "moe", [f"{EP}=4"]),

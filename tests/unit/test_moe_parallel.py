@@ -155,6 +155,18 @@ def test_plan_file_errors_for_experts(data, tmp_path, case):
         run(data, [*MOE, "--parallel.ep=2", f"--parallel.plan={plan}"], world=2)
 
 
+@pytest.mark.parametrize("world, ep, efsdp", [(2, 2, 1), (4, 2, 2)])
+def test_moe_ep2_recipe_preflights(data, world, ep, efsdp):
+    """recipes/configs/moe_ep2.toml on 2 and 4 processes (synthetic tokens stand in for the
+    prepared Shakespeare)."""
+    from tests.helpers import REPO
+
+    recipe = str(REPO / "recipes/configs/moe_ep2.toml")
+    args = ["--config", recipe, f"--data.dataset={data}", "--model.vocab_size=512"]
+    r = preflight(load_config(args), world)
+    assert (r.dims.ep, r.dims.efsdp, r.model.n_experts, r.model.moe_top_k) == (ep, efsdp, 8, 2)
+
+
 def test_dense_model_with_dense_plan_is_unchanged(data):
     r = run(data, [*model_args(4, 4, 64), "--parallel.tp=2"], world=2)
     assert r.ep_rules == () and {x.glob for x in r.tp_rules} >= {"h.*.mlp.c_fc"}
