@@ -3,20 +3,22 @@ the same active parameters, for ep 1/2/4; and the expert load balance of a Shake
 with and without the balancing-bias updates.
 
     python benchmarks/bench_moe.py                        # both parts (~15 min on the 2-core box)
-    python benchmarks/bench_moe.py --part throughput      # ~4 min
+    python benchmarks/bench_moe.py --part throughput      # ~5 min
     python benchmarks/bench_moe.py --part balance --steps 120
 
 Throughput: a 4-layer, 256-wide GPT (vocab 512, synthetic tokens) dense and as MoE (8 experts
 top-2 in every block, each expert 4C/2 wide: a token's MLP FLOPs and active parameters are
-the dense model's, plus an 8 x C router), through gpt3d's Trainer in real launches. Per case:
-best step of the timed steps (a step ends when its slowest rank does), memory per rank
-(parameters + gradients + AdamW state + peak saved activations, counted from tensors), and
-the share of the step inside the expert all-to-alls ("ep.all_to_all" profiler ranges: the
-count and row exchanges of dispatch and combine and their backward, waiting for the slowest
-peer included), from two profiled steps.
+the dense model's, plus an 8 x C router), through gpt3d's Trainer in real launches: every
+case of a world size is built in one launch and the cases take steps in turns, so the load
+of other jobs hits dense and MoE alike; "x dense" is the median of per-round ratios. Per
+case: best step (a step ends when its slowest rank does), memory per rank (parameters +
+gradients + AdamW state + peak saved activations, counted from tensors), and the share of
+the step inside the expert all-to-alls ("ep.all_to_all" profiler ranges: the count and row
+exchanges of dispatch and combine and their backward, waiting for the slowest peer
+included), from two profiled steps.
 
 Balance: torchrun recipes/train.py --config recipes/configs/moe_ep2.toml (moe-mini, ep=2,
-Shakespeare) twice, moe_bias_rate 1e-3 vs 0, aux loss off in both; max/mean tokens per
+Shakespeare) once per moe_bias_rate (0, 1e-3, 1e-2), aux loss off; max/mean tokens per
 expert (worst layer, and the mean over layers) every step, and the loss curves.
 """
 
@@ -39,6 +41,7 @@ from common import (  # noqa: E402
     arg_parser,
     columns,
     machine,
+    median,
     save_figure,
     subplots,
     synthetic_data,
@@ -49,7 +52,7 @@ from common import (  # noqa: E402
 MOE = ["--model.n_experts=8", "--model.moe_top_k=2"]
 # name -> (processes, MoE?, layout overrides)
 CASES = {
-    "dense, 1 process": (1, False, []),
+    "dense, 1 process": (1, False, []),  # the first case of each world size is its dense peer
     "MoE, 1 process": (1, True, []),
     "dense, FSDP 2": (2, False, []),
     "MoE, FSDP 2, ep 1": (2, True, []),
@@ -63,7 +66,10 @@ CASES = {
 # ---------------------------------------------------------------- worker (inside torchrun)
 
 
-def run_case(spec: dict, out: Path) -> None:
+def run_group(spec: dict, out: Path) -> None:
+    """Every case of one world size built side by side, then stepped in turns (rotated each
+    round), so load from other jobs hits dense and MoE alike; then per case two profiled
+    steps (all-to-all share) and one step under the saved-activation meter (memory)."""
     import torch
     import torch.distributed as dist
     from worker import local, memory_record
@@ -71,70 +77,72 @@ def run_case(spec: dict, out: Path) -> None:
     from gpt3d.config import load_config
     from gpt3d.trainer import Trainer
 
-    trainer = Trainer.from_config(load_config(spec["args"]))
+    trainers = {n: Trainer.from_config(load_config(a)) for n, a in spec["cases"].items()}
 
-    def step() -> float:
+    def step(trainer) -> float:
         if dist.is_initialized():
             dist.barrier()  # start each timed step together
         t0 = time.perf_counter()
         trainer.train_step()
         return time.perf_counter() - t0
 
-    for _ in range(spec["warmup"]):
-        step()
-    steps = [step() for _ in range(spec["steps"])]
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities) as prof:
-        profiled = [step() for _ in range(2)]
-    a2a_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "ep.all_to_all")
-    record = {
-        "rank": trainer.env.rank,
-        "tokens_per_step": trainer.tokens_per_step(),
-        "step_s": steps,
-        "a2a_share": a2a_us / 1e6 / sum(profiled),
-        "n_params": sum(local(p).numel() for p in trainer.params),  # this rank's shards
-        "loss": trainer.train_step().loss,
-        **memory_record(trainer),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{trainer.env.rank}.json").write_text(json.dumps(record))
+    names = list(trainers)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(spec["warmup"] + spec["rounds"]):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            dt = step(trainers[name])
+            if r >= spec["warmup"]:
+                times[name].append(dt)
+    for name, trainer in trainers.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            profiled = [step(trainer) for _ in range(2)]
+        a2a_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "ep.all_to_all")
+        record = {
+            "rank": trainer.env.rank,
+            "tokens_per_step": trainer.tokens_per_step(),
+            "step_s": times[name],
+            "a2a_share": a2a_us / 1e6 / sum(profiled),
+            "n_params": sum(local(p).numel() for p in trainer.params),  # this rank's shards
+            "loss": trainer.train_step().loss,
+            **memory_record(trainer),
+        }
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / f"rank{trainer.env.rank}.json").write_text(json.dumps(record))
 
 
-def worker_main(argv: list[str]) -> int:
+def worker_main(argv: list[str]) -> None:
     from gpt3d.launch import guarded_main
-    from tests.helpers import cases_main
 
-    guarded_main(cases_main(run_case), argv)
-    return 0
+    def main(args: list[str]) -> int:
+        run_group(json.loads(Path(args[0]).read_text()), Path(args[1]))
+        return 0
+
+    guarded_main(main, argv)
 
 
 # ---------------------------------------------------------------- part 1: throughput
 
 
-def launch(nproc: int, cases: dict, out: Path) -> dict:
+def launch(nproc: int, spec: dict, out: Path) -> dict:
     """This script in worker mode on nproc processes; {case: [per-rank records]}."""
-    spec = out / f"cases_{nproc}.json"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps(cases))
+    path = out / f"cases_{nproc}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
     me = [str(Path(__file__).resolve()), "--worker"]
-    cmd = (
-        [sys.executable, *me]
-        if nproc == 1
-        else [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *me]
-    )
+    torchrun = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *me] if nproc == 1 else [*torchrun, *me]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [*cmd, str(spec), str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+        [*cmd, str(path), str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600
     )
-    print(
-        f"  {nproc} process(es), {len(cases)} case(s): {time.perf_counter() - t0:.0f}s", flush=True
-    )
+    took = time.perf_counter() - t0
+    print(f"  {nproc} process(es), {len(spec['cases'])} case(s): {took:.0f}s", flush=True)
     if proc.returncode:
         raise RuntimeError(f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return {
         name: [json.loads(f.read_text()) for f in sorted((out / name).glob("rank*.json"))]
-        for name in cases
+        for name in spec["cases"]
     }
 
 
@@ -157,21 +165,33 @@ def model_args(data: Path, a) -> list[str]:
     ]
 
 
-def summarize(name: str, ranks: list[dict], moe: bool, ep: int) -> dict:
-    step = min(max(ts) for ts in zip(*(r["step_s"] for r in ranks), strict=True))
+def slowest(ranks: list[dict]) -> list[float]:
+    """Per timed step, the slowest rank's time (the step ends when it does)."""
+    return [max(ts) for ts in zip(*(r["step_s"] for r in ranks), strict=True)]
+
+
+def summarize(name: str, ranks: list[dict], dense: list[dict]) -> dict:
+    steps, dense_steps = slowest(ranks), slowest(dense)
     mem = [
         r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["activation_peak_bytes"]
         for r in ranks
     ]
+    dense_mem = max(
+        r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["activation_peak_bytes"]
+        for r in dense
+    )
+    ratios = [d / t for d, t in zip(dense_steps, steps, strict=True)]  # same round
+    w, moe, lay = CASES[name]
     return {
         "case": name,
-        "procs": len(ranks),
-        "moe": moe,
-        "ep": ep,
-        "step_ms": 1e3 * step,
-        "tokens_per_s": ranks[0]["tokens_per_step"] / step,
+        "procs": w,
+        "ep": int(lay[0].split("=")[1]) if lay else 1,
+        "step_ms": 1e3 * min(steps),
+        "tokens_per_s": ranks[0]["tokens_per_step"] / min(steps),
+        "vs_dense": median(ratios),
         "a2a_pct": 100 * sum(r["a2a_share"] for r in ranks) / len(ranks),
         "mem_max_MiB": max(mem) / 2**20,
+        "mem_vs_dense": max(mem) / dense_mem,
         "params_per_rank_M": max(r["n_params"] for r in ranks) / 1e6,
         "loss": ranks[0]["loss"],
     }
@@ -180,32 +200,15 @@ def summarize(name: str, ranks: list[dict], moe: bool, ep: int) -> dict:
 def throughput(a, out: Path) -> list[dict]:
     data = synthetic_data(out, a.vocab)
     base = model_args(data, a)
-    rows: dict[str, list[dict]] = {}
-    for p in range(a.passes):  # best of passes: other jobs only ever add time
-        print(f"pass {p + 1}/{a.passes}", flush=True)
-        for nproc in (1, 2, 4):
-            cases = {
-                n: {
-                    "args": [*base, *(MOE if moe else []), *lay],
-                    "warmup": a.warmup,
-                    "steps": a.steps,
-                }
-                for n, (w, moe, lay) in CASES.items()
-                if w == nproc
-            }
-            for name, ranks in launch(nproc, cases, out / f"pass{p}").items():
-                w, moe, lay = CASES[name]
-                ep = int(lay[0].split("=")[1]) if lay else 1
-                row = summarize(name, ranks, moe, ep)
-                best = rows.setdefault(name, [row])[0]
-                if row["tokens_per_s"] > best["tokens_per_s"]:
-                    rows[name] = [row]
-    result = [rows[n][0] for n in CASES]
-    dense = {r["procs"]: r for r in result if not r["moe"]}
-    for r in result:
-        r["vs_dense"] = r["tokens_per_s"] / dense[r["procs"]]["tokens_per_s"]
-        r["mem_vs_dense"] = r["mem_max_MiB"] / dense[r["procs"]]["mem_max_MiB"]
-    return result
+    rows = []
+    for nproc in (1, 2, 4):
+        names = [n for n, (w, _, _) in CASES.items() if w == nproc]
+        cases = {n: [*base, *(MOE if CASES[n][1] else []), *CASES[n][2]] for n in names}
+        spec = {"cases": cases, "warmup": a.warmup, "rounds": a.rounds}
+        results = launch(nproc, spec, out)
+        dense = results[next(n for n in names if not CASES[n][1])]
+        rows += [summarize(n, results[n], dense) for n in names]
+    return rows
 
 
 def throughput_report(a, rows: list[dict], info: dict) -> None:
@@ -227,9 +230,10 @@ def throughput_report(a, rows: list[dict], info: dict) -> None:
         f"expert width {moe.expert_hidden}): {count_params_formula(moe) / 1e6:.2f} M in all, "
         f"{count_params_formula(moe, active=True) / 1e6:.2f} M active per token (dense "
         "MLP FLOPs per token + an 8-way router, no MLP biases)",
-        "× dense: against the dense model on the same number of processes (same run)",
-        f"step ms: best of {a.passes} passes x {a.steps} timed steps, the slowest rank's; "
-        "tokens/s from it",
+        "× dense: tokens/s against the dense model on the same number of processes, the "
+        f"median over {a.rounds} rounds of per-round ratios (all cases of a world size are "
+        "built in one launch and stepped in turns, so other jobs' load hits both alike)",
+        f"step ms: best of {a.rounds} timed steps, the slowest rank's; tokens/s from it",
         "all-to-all %: time inside the expert dispatch/combine all-to-alls (forward and "
         "backward, incl. the count exchange and waiting for the slowest peer) over the step "
         "time, two profiled steps, mean over ranks; 0 without expert parallelism",
@@ -254,7 +258,8 @@ def throughput_report(a, rows: list[dict], info: dict) -> None:
 
 
 def balance(a, out: Path) -> dict[str, list[dict]]:
-    runs = {"bias updates (rate 1e-3)": "0.001", "no bias updates": "0"}
+    rates = a.balance_rates.split(",")
+    runs = {(f"bias rate {r}" if float(r) else "no bias updates"): r for r in rates}
     records = {}
     for name, rate in runs.items():
         run_dir = out / f"balance_{rate}"
@@ -310,7 +315,8 @@ def balance_report(a, records: dict[str, list[dict]], info: dict) -> None:
     notes = [
         f"torchrun --nproc_per_node=2 recipes/train.py --config recipes/configs/moe_ep2.toml "
         f"(moe-mini: 4 layers x 128, 8 experts top-2 in every block; ep=2) for "
-        f"{a.balance_steps} steps on the bundled Shakespeare, aux loss off, bias rate 1e-3 vs 0",
+        f"{a.balance_steps} steps on the bundled Shakespeare, aux loss off, moe_bias_rate "
+        f"{a.balance_rates.replace(',', ' / ')} (1e-3 is the default, DeepSeek-V3's)",
         "load = max over experts / mean over experts of the tokens a layer routed in a step, "
         "summed over both ranks (1.00 = perfect balance, 8/2 = 4.00 = every token in the same "
         "two experts); worst layer and mean over the 4 layers",
@@ -322,7 +328,7 @@ def balance_report(a, records: dict[str, list[dict]], info: dict) -> None:
         "bench_moe_balance",
         "bench_moe: expert load balance with and without bias updates",
         info,
-        {"steps": a.balance_steps},
+        {"steps": a.balance_steps, "rates": a.balance_rates},
         rows,
         table(rows, cols),
         notes,
@@ -336,7 +342,8 @@ def plot_balance(records: dict[str, list[dict]], path: Path) -> None:
     if made is None:
         return
     fig, (a1, a2) = made
-    for (name, recs), color in zip(records.items(), ("tab:blue", "tab:red"), strict=False):
+    colors = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
+    for (name, recs), color in zip(records.items(), colors, strict=False):
         train = [r for r in recs if "moe_load_max" in r]
         steps = [r["step"] for r in train]
         a1.plot(
@@ -376,9 +383,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per case and pass")
-    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=8, help="timed steps per case, in turns")
     p.add_argument("--balance-steps", type=int, default=120)
+    p.add_argument(
+        "--balance-rates", default="0,0.001,0.01", help="moe_bias_rate of each balance run"
+    )
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     info = machine()
@@ -392,5 +401,5 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.path.insert(0, str(REPO))
-        raise SystemExit(worker_main(sys.argv[2:]))
+        worker_main(sys.argv[2:])
     main()

@@ -97,3 +97,6 @@ def test_moe_layout_matches_single_process(runs, case):
             assert torch.equal(a, b), f"{name} bias after step {i + 1}: {a} != {b}"
     last = torch.stack([s[-1] for s in ref_bias.values()])
     assert last.abs().sum() > 0  # the biases did move
+    dloss = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"], strict=True))
+    dparam = max((v - ref["params"].get(n, v)).abs().max().item() for n, v in got["params"].items())
+    print(f"{case}: max |dloss| {dloss:.1e}, max |dparam| {dparam:.1e}, biases identical")
