@@ -2,13 +2,19 @@
 dp x pp x tp layout, resume on any other, exactly (layout on disk: gpt3d/checkpoint_dir.py).
 
 Every rank passes its live parameters and AdamW state, under the plain model's names, to
-DCP; rank 0 publishes the directory once all of it is on disk. A tied output head is saved
-once (as wte.weight); a last pipeline stage without the embedding loads its lm_head copy
-from that entry, a rank holding both copies copies wte into the head after loading.
+DCP; each writing rank checksums its files as it writes them (gpt3d/integrity.py), and rank
+0 publishes the directory once all of it is on disk. A save that does not fit on the disk
+stops the run with one clear error before writing (or, if the disk fills up meanwhile, with
+the half-written directory removed); the previous checkpoint stays the latest.
+
+A tied output head is saved once (as wte.weight); a last pipeline stage without the
+embedding loads its lm_head copy from that entry, a rank holding both copies copies wte into
+the head after loading.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -35,11 +41,21 @@ from gpt3d.checkpoint_dir import (
     TMP_SUFFIX,
     WTE,
     checkpoint_root,
+    latest_complete,
     verify,
 )
-from gpt3d.checkpoint_safety import SafeFileSystemReader
+from gpt3d.checkpoint_safety import SafeFileSystemReader, checkpoint_errors
 from gpt3d.config import config_to_dict
 from gpt3d.errors import TrainingDiverged
+from gpt3d.heartbeat import start_heartbeat
+from gpt3d.integrity import (
+    ChecksumWriter,
+    check_room,
+    collect_checksums,
+    dataset_fingerprint,
+    disk_full_error,
+    meta_checksum,
+)
 from gpt3d.parallel.utils import all_finite
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -70,6 +86,13 @@ class Checkpointer:
         # Async writes run collectives from a background thread: give them their own group.
         use_group = self.cfg.async_save and dist.is_initialized()
         self.async_group = dist.new_group(backend="gloo") if use_group else None
+        self.dataset = dataset_fingerprint(run.config.data.dataset) if self.rank == 0 else None
+        self.need = 0  # bytes the last save needed, for a disk-full message
+        # Every rank of a live run builds a Checkpointer once the process group exists and
+        # shares its output directory: the place to start the heartbeat that ends the job
+        # when a rank stops answering for the collective timeout (init_process_group's).
+        timeout = run.config.parallel.timeout_s or (1800.0 if torch.cuda.is_available() else 120.0)
+        start_heartbeat(run.config.job.output_dir, self.rank, self.world, timeout)
 
     # ---- save --------------------------------------------------------------------------
     def maybe_save(self) -> None:
@@ -89,16 +112,18 @@ class Checkpointer:
             )
         self.wait()
         t0 = time.perf_counter()
+        state, meta = self._state_dict(), self._meta()
+        self.need = check_room(self.root, state, step, self._latest_name())  # collective
         tmp = self.root / f"step-{step}{TMP_SUFFIX}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
             tmp.mkdir(parents=True)
         _barrier()
-        state, meta = self._state_dict(), self._meta()
+        writer = ChecksumWriter(tmp)
         if self.cfg.async_save:
             future = dcp.async_save(
                 state,
-                checkpoint_id=str(tmp),
+                storage_writer=writer,
                 process_group=self.async_group,
                 no_dist=self.world == 1,
             )
@@ -106,7 +131,10 @@ class Checkpointer:
             took = time.perf_counter() - t0
             self.log(f"checkpoint step-{step}: staged in {took:.1f}s, writing in the background")
         else:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=self.world == 1)
+            try:
+                dcp.save(state, storage_writer=writer, no_dist=self.world == 1)
+            except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException included
+                self._save_failed(e, tmp, step, same_on_every_rank=True)
             self._publish(tmp, meta)
             self.log(f"checkpoint step-{step} saved in {time.perf_counter() - t0:.1f}s")
         self.last_saved = step
@@ -125,7 +153,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until an async save has been written and published."""
         if self.pending is not None:
-            self.pending[0].result()
+            concurrent.futures.wait([self.pending[0]])
             self._publish_if_done()
 
     def _publish_if_done(self) -> None:
@@ -134,14 +162,36 @@ class Checkpointer:
         if self.pending is not None and self.pending[0].done():
             future, tmp, meta = self.pending
             self.pending = None
-            future.result()  # re-raise a failed write
+            try:
+                future.result()  # re-raise a failed write
+            except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException included
+                # every rank's future fails, but each rank notices at its own next step
+                self._save_failed(e, tmp, meta["step"], same_on_every_rank=False)
             self._publish(tmp, meta)
+
+    def _save_failed(self, exc, tmp: Path, step: int, same_on_every_rank: bool) -> None:
+        """A failed write: a full disk becomes one clear DiskFullError, with the half-written
+        directory removed to give the space back; anything else propagates as it is. DCP
+        gathers the failure to every rank, so a synchronous save fails on all at once."""
+        error = disk_full_error(exc, step, self.need, self.root, self._latest_name())
+        if error is None:
+            raise exc
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error.same_on_every_rank = same_on_every_rank  # gpt3d.launch: print once or per rank
+        raise error from None
+
+    def _latest_name(self) -> str:
+        latest = latest_complete(self.root)
+        return latest.name if latest is not None else "no checkpoint (none saved yet)"
 
     def _publish(self, tmp: Path, meta: dict) -> None:
         """Rank 0: meta.json (with file sizes) last, fsync, atomic rename, prune old ones."""
         if self.rank != 0:
             return
+        meta["checksums"] = collect_checksums(tmp, skip=(CHECKPOINT_META,))  # sidecars merged
         meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        meta["meta_checksum"] = meta_checksum(json.loads(json.dumps(meta)))  # as read back
         _write_synced(tmp / CHECKPOINT_META, json.dumps(meta, indent=1))
         final = tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX))
         if final.exists():  # re-saving a step (resumed from an older checkpoint)
@@ -173,6 +223,7 @@ class Checkpointer:
             "model": dataclasses.asdict(run.model),
             "config": config_to_dict(run.config),
             "world_size": self.world,
+            "dataset": self.dataset,
             "layout": run.dims.describe(),
             "grad_sync": self.grad_sync.describe() if self.grad_sync else None,
             "time": time.time(),
@@ -191,7 +242,7 @@ class Checkpointer:
     def load(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, step, data position (and RNG on the same world size)."""
         path = Path(path)
-        meta = verify(path, self.run.model)
+        meta = verify(path, self.run.model, checksums=False)  # preflight checked them (rank 0)
         self.loader.load_state_dict(meta["loader"])  # checks seed / seq_len first
         model, optim = get_state_dict(self.view, self.optimizer, options=_OPTIONS)
         # Hyper-parameters (param_groups) come from this run's config; state from the file.
@@ -203,7 +254,8 @@ class Checkpointer:
             request["rng"] = rng
         sync_note = self._request_grad_sync(request, meta)
         # In place: these are the live parameters and optimizer state.
-        dcp.load(request, storage_reader=SafeFileSystemReader(path), no_dist=self.world == 1)
+        with checkpoint_errors():
+            dcp.load(request, storage_reader=SafeFileSystemReader(path), no_dist=self.world == 1)
         if self.tied:
             _copy_wte_to_head(model)
             _copy_wte_to_head(state)

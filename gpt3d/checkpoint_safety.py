@@ -9,7 +9,8 @@ key as bytes and points it at a pickled gadget in a .distcp file. Tensor payload
 already read with torch.load(weights_only=True).
 
     read_dcp_metadata(path)              the checked index, for verification code
-    dcp.load(sd, storage_reader=SafeFileSystemReader(path), ...)
+    with checkpoint_errors():            DCP's CheckpointException -> the CheckpointError inside
+        dcp.load(sd, storage_reader=SafeFileSystemReader(path), ...)
     file_checksum(path)                  "crc32:<hex>" of a file's bytes, for meta.json
 
 A DCP index is made of the few classes in ALLOWED_GLOBALS (found by recording every global
@@ -19,6 +20,8 @@ anything else is refused before it is built.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import os
 import pathlib
@@ -159,6 +162,7 @@ def _check_index(index: Any, source) -> None:
             and _is_plain_name(name)
             and _is_count(info.offset)
             and _is_count(info.length)
+            and _no_transforms(getattr(info, "transform_descriptors", None))
         ):
             raise CorruptCheckpointError(
                 f"checkpoint {source}: {getattr(key, 'fqn', key)!r} is stored at {name!r} "
@@ -172,6 +176,11 @@ def _is_plain_name(name: Any) -> bool:
 
 def _is_count(n: Any) -> bool:
     return type(n) is int and n >= 0
+
+
+def _no_transforms(descriptors: Any) -> bool:
+    """gpt3d writes no DCP storage extensions (compression...): the field is None or empty."""
+    return descriptors is None or (isinstance(descriptors, list | tuple) and not descriptors)
 
 
 # ---------------------------------------------------------------- dcp.load's reader
@@ -193,7 +202,30 @@ class SafeFileSystemReader(FileSystemReader):
         return index
 
     def read_data(self, plan, planner):
-        return super().read_data(plan, _WeightsOnlyBytes(planner, self.path))
+        """One data file at a time, so a payload torch refuses is reported by file name."""
+        by_file: dict[str, list] = {}
+        for item in plan.items:
+            by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        safe_planner = _WeightsOnlyBytes(planner, self.path)
+        for name, items in by_file.items():
+            try:  # tensors: FileSystemReader's torch.load(weights_only=True)
+                super().read_data(dataclasses.replace(plan, items=items), safe_planner).wait()
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpointError(
+                    f"checkpoint {Path(self.path) / name} holds a tensor payload that is not "
+                    f"plain tensor data ({_first_global(e)}); refusing to load it (the file "
+                    "may be malicious)"
+                ) from None
+            except CheckpointError:
+                raise
+            except (RuntimeError, EOFError, ValueError, AssertionError) as e:  # damaged record
+                raise CorruptCheckpointError(
+                    f"checkpoint {Path(self.path) / name} has unreadable tensor data "
+                    f"({type(e).__name__}: {str(e)[:200]})"
+                ) from None
+        future = torch.futures.Future()
+        future.set_result(None)
+        return future
 
 
 class _WeightsOnlyBytes:
@@ -220,11 +252,9 @@ def weights_only_copy(value: io.BytesIO, source: str) -> io.BytesIO:
     try:
         obj = torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refusals are UnpicklingError
-        lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
-        why = (lines or [str(e)])[0][:300]
         raise UnsafeCheckpointError(
             f"checkpoint {source} holds a non-tensor value that is "
-            f"not plain data ({why}); refusing to load it (the "
+            f"not plain data ({_first_global(e)}); refusing to load it (the "
             "file may be malicious)"
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated zip / pickle data
@@ -235,6 +265,30 @@ def weights_only_copy(value: io.BytesIO, source: str) -> io.BytesIO:
     torch.save(obj, clean)
     clean.seek(0)
     return clean
+
+
+def _first_global(e: Exception) -> str:
+    """The line of a weights_only refusal that names the global it refused."""
+    lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
+    return (lines or [str(e)])[0][:300]
+
+
+@contextlib.contextmanager
+def checkpoint_errors():
+    """Around dcp.load: DCP reports a failure on any rank as a CheckpointException (a
+    BaseException listing every rank's error); when one of them is a gpt3d CheckpointError
+    (a refused or damaged file), raise that instead, so it is one clear user error. DCP
+    gathers every rank's failures before raising, so every rank raises the same one."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        for _, (exc, _trace) in sorted(e.failures.items()):
+            if isinstance(exc, CheckpointError):
+                exc.same_on_every_rank = True  # gpt3d.launch prints it once (rank 0)
+                raise exc from None
+        raise
 
 
 # ---------------------------------------------------------------- content checksum

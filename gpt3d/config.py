@@ -209,6 +209,16 @@ class CheckpointConfig:
     )
     init_from: str = _f("", "Hugging Face GPT-2 directory or .safetensors file to start from")
     save_final: bool = _f(True, "save a checkpoint after the last step")
+    verify_checksums: bool = _f(
+        True,
+        "on resume, rank 0 checks every file's crc32 against meta.json (reads the whole "
+        "checkpoint once); false skips it for huge checkpoints",
+    )
+    allow_dataset_change: bool = _f(
+        False,
+        "resume even though data.dataset is not the dataset the checkpoint was trained on "
+        "(on purpose: continuing on new data)",
+    )
 
 
 @dataclass

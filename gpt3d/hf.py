@@ -308,17 +308,31 @@ def _infer_config(
 # ---------------------------------------------------------------------------- lazy import
 
 
+# safetensors dtype names a GPT-2 weight may have (read as fp32); anything else is refused.
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _header_shapes(files: list[Path]) -> dict[str, tuple[Path, Tensor]]:
-    """Stored key -> (file, meta tensor of its shape), from safetensors headers only."""
+    """Stored key -> (file, meta tensor of its shape and dtype), from safetensors headers only.
+    safetensors itself refuses a truncated file, a header longer than the file and offsets
+    past its end; the dtypes are checked here."""
     out = {}
     for f in files:
         try:
             with safe_open(f, "pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
-                    shape = handle.get_slice(key).get_shape()
-                    out[key] = (f, torch.empty(shape, device="meta"))
+                    info = handle.get_slice(key)
+                    dtype = _FLOAT_DTYPES.get(info.get_dtype())
+                    if dtype is None and not _BUFFER.match(key.removeprefix("transformer.")):
+                        raise CheckpointError(
+                            f"{f}: tensor {key!r} has dtype {info.get_dtype()}; GPT-2 weights "
+                            f"are floating point ({', '.join(_FLOAT_DTYPES)})"
+                        )
+                    out[key] = (f, torch.empty(info.get_shape(), dtype=dtype, device="meta"))
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors' SafetensorError: header/format problems
-            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from e
+            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
     return out
 
 
@@ -344,8 +358,11 @@ class LazyHFWeights:
         f, key = self.where[name]
         if index is None:
             return _read_stored(f, key)
-        with safe_open(f, "pt") as handle:
-            return handle.get_slice(key)[index]
+        try:
+            with safe_open(f, "pt") as handle:
+                return handle.get_slice(key)[index]
+        except Exception as e:  # the file changed since its header was checked
+            raise CheckpointError(f"{f}: cannot read {key!r} ({e})") from None
 
     def __call__(self, name: str, shape=None) -> Tensor:
         C, Vp = self.cfg.n_embd, self.cfg.padded_vocab_size
@@ -392,8 +409,11 @@ def hf_config(path: str | os.PathLike, *, n_head: int | None = None, pad_vocab_m
 
 
 def _read_stored(file: Path, key: str) -> Tensor:
-    with safe_open(file, "pt") as handle:
-        return handle.get_tensor(key)
+    try:
+        with safe_open(file, "pt") as handle:
+            return handle.get_tensor(key)
+    except Exception as e:  # the file changed since its header was checked
+        raise CheckpointError(f"{file}: cannot read {key!r} ({e})") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -86,9 +86,12 @@ def report_error(exc: BaseException) -> int:
 
     from gpt3d.errors import TrainingDiverged, UserError
 
-    # Same on every rank: checks before any process group exists, and the (all-reduced) loss.
-    uniform = isinstance(exc, TrainingDiverged) or not (
-        dist.is_available() and dist.is_initialized()
+    # Same on every rank: checks before any process group exists, the (all-reduced) loss,
+    # and errors every rank raised from one collective decision (same_on_every_rank).
+    uniform = (
+        isinstance(exc, TrainingDiverged)
+        or getattr(exc, "same_on_every_rank", False)
+        or not (dist.is_available() and dist.is_initialized())
     )
     who = "" if uniform else f"[rank {_rank()}] "
     if isinstance(exc, TrainingDiverged):
@@ -98,6 +101,7 @@ def report_error(exc: BaseException) -> int:
     else:  # a bug or a dead peer: one line per failing rank, the traceback for torchrun
         code, uniform = 1, False
         text = f"[rank {_rank()}] failed: {type(exc).__name__}: {exc}"
+        text += _stall_note(exc)
         if not _record_for_torchrun(exc):
             text += "\n" + traceback.format_exc()
     if not uniform or _rank() == 0:
@@ -107,6 +111,13 @@ def report_error(exc: BaseException) -> int:
         # before it does. Wait a moment (torchrun ends us as soon as rank 0 exits).
         time.sleep(UNIFORM_ERROR_GRACE_S)
     return code
+
+
+def _stall_note(exc: BaseException) -> str:
+    """A timed-out collective: which ranks stopped answering (gpt3d/heartbeat.py)."""
+    from gpt3d.heartbeat import stall_note
+
+    return stall_note(exc)
 
 
 def _record_for_torchrun(exc: BaseException) -> bool:

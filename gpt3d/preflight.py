@@ -9,7 +9,10 @@ from. Every rule is stated here once and raises a gpt3d.errors.UserError whose o
 the problem and the fix; gpt3d/launch.py prints it once (rank 0) and exits with code 2.
 
 Rules: "resume wins over init_from" (a restarted fine-tune continues from its own
-checkpoint); a resumed run keeps the data order (seed, seq_len) of the checkpoint.
+checkpoint); a resumed run keeps the data order (seed, seq_len) and the dataset of the
+checkpoint (checkpoint.allow_dataset_change lifts the latter), its files must have the
+checksums they were written with (rank 0 reads them all; checkpoint.verify_checksums=false
+skips it), and the disk must have room for one more checkpoint of its size.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt3d.checkpoint_dir import find_resume, verify
+from gpt3d.checkpoint_dir import checkpoint_root, find_resume, verify
 from gpt3d.config import Config, gpt_config
 from gpt3d.data import validate_dataset
-from gpt3d.errors import CheckpointError, ConfigError
+from gpt3d.errors import CheckpointError, ConfigError, DataError
 from gpt3d.model import GPTConfig, describe
 from gpt3d.parallel.dims import (
     SINGLE_STAGE_SCHEDULES,
@@ -75,7 +78,7 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
     dataset = validate_dataset(
         cfg.data.dataset, model.vocab_size, cfg.training.seq_len, check_ids=rank == 0
     )
-    resume = _verified_resume(cfg, model)
+    resume = _verified_resume(cfg, model, rank)
     pretrained = None
     if pretrained_path and resume is None:
         from gpt3d.hf import LazyHFWeights
@@ -396,13 +399,17 @@ def _plan_rules(model: GPTConfig, cfg: Config, dims: ParallelDims) -> list:
     return rules
 
 
-def _verified_resume(cfg: Config, model: GPTConfig) -> Path | None:
+def _verified_resume(cfg: Config, model: GPTConfig, rank: int = 0) -> Path | None:
     """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start
-    ("auto" with nothing saved yet is a fresh start)."""
+    ("auto" with nothing saved yet is a fresh start). Only rank 0 reads every byte for the
+    checksums: a damaged file ends the job there while the others wait in the process group."""
     path = find_resume(cfg.checkpoint.resume, cfg.job.output_dir)
     if path is None:
         return None
-    loader = verify(path, model)["loader"]
+    meta = verify(path, model, checksums=cfg.checkpoint.verify_checksums and rank == 0)
+    _check_same_dataset(path, meta, cfg)
+    _check_room_for_next(path, meta, cfg)
+    loader = meta["loader"]
     for key, now in (("seed", cfg.job.seed), ("seq_len", cfg.training.seq_len)):
         if loader[key] != now:  # the sample order depends on both
             raise CheckpointError(
@@ -411,3 +418,39 @@ def _verified_resume(cfg: Config, model: GPTConfig) -> Path | None:
                 "(job.seed / training.seq_len)"
             )
     return path
+
+
+def _check_same_dataset(path: Path, meta: dict, cfg: Config) -> None:
+    """The checkpoint's dataset fingerprint (gpt3d/integrity.py) against data.dataset's."""
+    from gpt3d.integrity import dataset_differences, dataset_fingerprint
+
+    saved = meta.get("dataset")
+    if saved is None or cfg.checkpoint.allow_dataset_change:
+        return
+    diffs = dataset_differences(saved, dataset_fingerprint(cfg.data.dataset))
+    if diffs:
+        raise DataError(
+            f"checkpoint {path} was trained on another dataset than data.dataset="
+            f"{cfg.data.dataset}: {'; '.join(diffs[:4])}; resume on the checkpoint's dataset, "
+            "or set --checkpoint.allow_dataset_change=true to continue on this data on "
+            "purpose (e.g. fine-tuning on new data)"
+        )
+
+
+def _check_room_for_next(path: Path, meta: dict, cfg: Config) -> None:
+    """A resumed run that saves needs room for one more checkpoint of this size (old ones
+    are pruned only after the new one is complete): a restart after a disk-full save stops
+    here, at once, instead of recomputing steps to fail at the same save again."""
+    from gpt3d.integrity import DiskFullError, free_bytes
+
+    c = cfg.checkpoint
+    if not (c.interval or c.save_final):
+        return
+    root = checkpoint_root(cfg.job.output_dir)
+    need, free = sum(meta["files"].values()), free_bytes(root)
+    if need > free:
+        raise DiskFullError(
+            f"no room for the next checkpoint: {path.name} takes {need / 2**20:,.1f} MiB and "
+            f"{root} has {free / 2**20:,.1f} MiB free; free space (or lower "
+            "checkpoint.keep_last) or move job.output_dir, then resume"
+        )

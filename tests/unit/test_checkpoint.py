@@ -143,7 +143,7 @@ def damaged_copy(saved, tmp_path, how):
     [
         ("truncated", "is damaged: __0_0.distcp has"),
         ("meta", "meta.json is corrupt"),
-        ("index", "is unreadable"),
+        ("index", "is damaged: .metadata has checksum"),  # crc32 first, before unpickling
         ("incomplete", "is incomplete"),
     ],
 )

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from gpt3d.checkpoint_safety import (
@@ -354,6 +355,244 @@ def test_file_checksum_is_crc32_of_the_bytes(tmp_path):
     assert file_checksum(tmp_path / "f") == f"crc32:{zlib.crc32(data):08x}"
     (tmp_path / "e").write_bytes(b"")
     assert file_checksum(tmp_path / "e") == "crc32:00000000"
+
+
+# ---------------------------------------------------------------- every read path, for real
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    """A gpt3d checkpoint (2 steps, one process) and its dataset."""
+    from tests.helpers import make_dataset, small_run, trainer_with_checkpointer
+
+    root = tmp_path_factory.mktemp("genuine")
+    data = make_dataset(root / "data", n_train=4000, n_val=1000)
+    args = [*small_run(steps=2), f"--data.dataset={data}", f"--job.output_dir={root / 'run'}"]
+    trainer, ckpt = trainer_with_checkpointer(args)
+    trainer.train_step(), trainer.train_step()
+    ckpt.finish()
+    return root / "run" / "checkpoints" / "step-2", data
+
+
+def attacked(src: Path, dst: Path, files: dict[str, bytes], fix_checksums: bool = True) -> Path:
+    """A copy of a checkpoint with files replaced, and meta.json rewritten as an attacker
+    would (it is plain JSON): sizes, and unless told otherwise crc32s and its own checksum."""
+    import json
+    import shutil
+    import zlib
+
+    from gpt3d.integrity import meta_checksum
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    for name, data in files.items():
+        (dst / name).write_bytes(data)
+        meta["files"][name] = len(data)
+        if fix_checksums:
+            meta["checksums"][name] = f"crc32:{zlib.crc32(data):08x}"
+    meta["meta_checksum"] = meta_checksum(json.loads(json.dumps(meta)))
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def payload_in_tensor(src: Path, marker: Path) -> dict[str, bytes]:
+    """A clean index (only allowed classes) whose model.wte.weight entry points at a
+    torch.save'd gadget appended to the data file: only weights_only stops it."""
+    index = plain_metadata(src)
+    key = next(k for k in index.storage_data if k.fqn == "model.wte.weight")
+    info = index.storage_data[key]
+    data = (src / info.relative_path).read_bytes()
+    gadget = io.BytesIO()
+    torch.save(Reduce(os.system, f"touch {marker}"), gadget)
+    index.storage_data[key] = _StorageInfo(info.relative_path, len(data), len(gadget.getvalue()))
+    return {".metadata": pickle.dumps(index), info.relative_path: data + gadget.getvalue()}
+
+
+def read_path(which: str, ckpt: Path, data: Path, tmp: Path) -> tuple[str, list]:
+    """(script, args) of one way gpt3d reads a checkpoint."""
+    from tests.helpers import small_run
+
+    if which == "export":
+        return "recipes/export.py", ["--checkpoint", ckpt, "--out", tmp / "hf"]
+    if which == "sample":
+        return "recipes/sample.py", ["--checkpoint", ckpt, "--max_new_tokens", "2"]
+    train = [*small_run(steps=4), f"--data.dataset={data}", f"--job.output_dir={tmp / 'out'}"]
+    return "recipes/train.py", [
+        *train,
+        "--model.pad_vocab_multiple=1",
+        f"--checkpoint.resume={ckpt}",
+    ]
+
+
+READ_PATHS = {  # name -> processes (0: plain python)
+    "train": 0,
+    "export": 0,
+    "sample": 0,
+    "train tp=2": 2,
+}
+ATTACKS = {  # name -> (files to plant, what the one error line says)
+    "index gadget": (
+        lambda src, m: {".metadata": pickle.dumps(Reduce(os.system, f"touch {m}"))},
+        "refers to posix.system, which a DCP index never contains; refusing to load it",
+    ),
+    "tensor payload gadget": (
+        payload_in_tensor,
+        "holds a tensor payload that is not plain tensor data",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.distributed) if n else p for p, n in READ_PATHS.items()],
+)
+def test_every_read_path_refuses_code_in_a_checkpoint(genuine, tmp_path, path, attack):
+    """resume (1 process and torchrun), export, sample: exit 2, one clear line, the payload
+    never ran (its marker file is absent), even with meta.json rewritten to match."""
+    from tests.helpers import run_script
+
+    src, data = genuine
+    marker = tmp_path / "marker"
+    ckpt = attacked(src, tmp_path / "step-2", ATTACKS[attack][0](src, marker))
+    script, args = read_path(path.split()[0], ckpt, data, tmp_path)
+    args += (
+        ["--parallel.tp=2", "--parallel.pp=1", "--parallel.dp_shard=1"] if READ_PATHS[path] else []
+    )
+    proc = run_script(script, args, nproc=READ_PATHS[path], timeout=180)
+    if READ_PATHS[path]:
+        assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert len(lines) == 1 and ATTACKS[attack][1] in lines[0], proc.stderr[-3000:]
+    # no worker traceback (torchrun prints its own ChildFailedError traceback)
+    assert not [x for x in proc.stderr.splitlines() if "File" in x and "gpt3d" in x]
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_an_attacker_who_forgets_the_checksum_is_caught_earlier(genuine, tmp_path):
+    from tests.helpers import run_script
+
+    src, _ = genuine
+    marker = tmp_path / "marker"
+    files = {".metadata": pickle.dumps(Reduce(os.system, f"touch {marker}"))}
+    ckpt = attacked(src, tmp_path / "step-2", files, fix_checksums=False)
+    proc = run_script("recipes/export.py", ["--checkpoint", ckpt, "--out", tmp_path / "hf"], 0)
+    assert proc.returncode == 2 and "is damaged: .metadata has checksum" in proc.stderr
+    assert not marker.exists()
+
+
+def test_genuine_checkpoint_still_loads_bitwise(genuine):
+    from gpt3d.checkpoint_dir import load_model_state_dict
+
+    src, _ = genuine
+    _, sd = load_model_state_dict(src)
+    plain = {k: torch.zeros_like(v) for k, v in sd.items() if k != "lm_head.weight"}
+    dcp.load({"model": plain}, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+    assert all(same(sd[k], plain[k]) for k in plain)
+
+
+# ---------------------------------------------------------------- malformed safetensors
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small GPT-2 in Hugging Face layout (gpt3d's own export) and a dataset for it."""
+    from gpt3d.hf import save_hf
+    from gpt3d.model import GPT, GPTConfig
+    from tests.helpers import make_dataset
+
+    root = tmp_path_factory.mktemp("hf")
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=512)
+    torch.manual_seed(0)
+    save_hf(root / "hf", GPT(cfg).state_dict(), cfg)
+    return root / "hf", make_dataset(root / "data", n_train=4000, n_val=1000)
+
+
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    import json
+    import struct
+
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _join(header: dict, body: bytes) -> bytes:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def _edit_header(raw: bytes, key: str, **fields) -> bytes:
+    header, body = _split(raw)
+    header[key] = header[key] | fields
+    return _join(header, body)
+
+
+MALFORMED = {  # name -> (damage to model.safetensors, what the error says)
+    "truncated": (lambda raw: raw[:-100], "incomplete metadata, file not fully covered"),
+    "header longer than the file": (
+        lambda raw: len(raw).to_bytes(8, "little") + raw[8:],
+        "invalid header length",
+    ),
+    "offsets past the end": (
+        lambda raw: _edit_header(raw, "transformer.wpe.weight", data_offsets=[0, 10**9]),
+        "invalid offset for tensor `transformer.wpe.weight`",
+    ),
+    "integer weights": (
+        lambda raw: _edit_header(raw, "transformer.h.0.ln_1.weight", dtype="I32"),
+        "tensor 'transformer.h.0.ln_1.weight' has dtype I32; GPT-2 weights are floating point",
+    ),
+    "wrong shape": (
+        lambda raw: _edit_header(raw, "transformer.h.0.ln_1.weight", shape=[16, 2]),
+        "key 'h.0.ln_1.weight': expected (32,), found (16, 2)",
+    ),
+    "garbage header": (
+        lambda raw: raw[:8] + b"x" * (len(raw) - 8 - len(_split(raw)[1])) + _split(raw)[1],
+        "invalid JSON in header",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", MALFORMED)
+def test_malformed_safetensors_is_one_clear_error(hf_dir, tmp_path, damage):
+    import shutil
+
+    from gpt3d.config import load_config
+    from gpt3d.errors import CheckpointError
+    from gpt3d.preflight import preflight
+    from tests.helpers import small_run
+
+    src, data = hf_dir
+    bad = tmp_path / "hf"
+    shutil.copytree(src, bad)
+    make, says = MALFORMED[damage]
+    (bad / "model.safetensors").write_bytes(make((src / "model.safetensors").read_bytes()))
+    args = [*small_run(steps=1), f"--data.dataset={data}", f"--checkpoint.init_from={bad}"]
+    with pytest.raises(CheckpointError) as info:
+        preflight(load_config(args), world_size=1)
+    assert says in str(info.value)
+
+
+@pytest.mark.slow
+def test_malformed_safetensors_through_the_recipe_exits_2_without_a_traceback(hf_dir, tmp_path):
+    import shutil
+
+    from tests.helpers import run_script, small_run
+
+    src, data = hf_dir
+    bad = tmp_path / "hf"
+    shutil.copytree(src, bad)
+    (bad / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-100])
+    args = [*small_run(steps=1), f"--data.dataset={data}", f"--checkpoint.init_from={bad}"]
+    proc = run_script("recipes/train.py", [*args, f"--job.output_dir={tmp_path / 'out'}"], 0)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
+    assert "is not a readable safetensors file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 if __name__ == "__main__":
