@@ -14,7 +14,10 @@ several scenarios per launch, so the launch cost is paid 5 times in all):
   resumed in 1 process, within 1e-5 and each sample exactly once;
 - Hugging Face GPT-2 (transformers' save_pretrained) -> init_from on (1, 2, 2) and (2, 1, 1)
   gives HF's logits; fine-tuned on (1, 2, 2) -> recipes/export.py -> from_pretrained gives
-  gpt3d's logits.
+  gpt3d's logits;
+- the checkpoints all these launches write (every layout above, MoE experts on ep=2,
+  PowerSGD state) pass verify() with their checksums and read through gpt3d's allow-list
+  unpickler exactly as DCP's own reader reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pytest
 import torch
 
 from gpt3d.checkpoint_dir import load_model_state_dict, verify
+from gpt3d.checkpoint_safety import read_dcp_metadata
 from tests.helpers import (
     PARITY_MODEL,
     REPO,
@@ -118,7 +122,7 @@ def cases_for(root: Path, data: Path, hf: Path) -> dict[int, dict]:
         return {"kind": "hf_logits", "args": [*common, *init, *args]}
 
     step4 = root / "ref" / "checkpoints" / f"step-{SAVE_AT}"
-    resume = ["--checkpoint.resume", str(step4), "--checkpoint.save_final=false"]
+    resume = ["--checkpoint.resume", str(step4)]  # each saves step-8 on its own layout
     init = ["--checkpoint.init_from", str(hf)]
     saves = [f"--checkpoint.interval={SAVE_AT}", f"--training.eval_interval={SAVE_AT}"]
     launches = {8: {"ref": train("ref", [*RESUMED["same_2_2_2"][1], *saves])}}
@@ -135,6 +139,12 @@ def cases_for(root: Path, data: Path, hf: Path) -> dict[int, dict]:
     launches[0]["shards_1_process"] = train(
         "shards_1_process", [*layout(1, 1, 1), *shards, *shards_resume]
     )
+    # state beyond the dense layouts, for the allow-list test: MoE experts, PowerSGD's state
+    moe = ["--model.n_experts=8", "--model.moe_top_k=2", "--parallel.ep=2"]
+    launches[2]["moe_ep2"] = train("moe_ep2", [*layout(2, 1, 1), *moe, "--training.steps=2"])
+    powersgd = ["--parallel.dp_replicate=2", "--parallel.dp_mode=ddp"]
+    powersgd += ["--parallel.grad_compression=powersgd", "--parallel.powersgd_start_step=1"]
+    launches[2]["powersgd"] = train("powersgd", [*layout(1, 1, 1), *powersgd, "--training.steps=3"])
     sync3 = ["--checkpoint.interval=3", "--checkpoint.save_final=false"]
     launches[2]["ref_1_2_1"] = train("ref_1_2_1", [*layout(1, 2, 1), *sync3])
     async2 = ["--checkpoint.async_save=true", "--checkpoint.interval=2"]
@@ -338,3 +348,37 @@ def test_sigterm_to_torchrun_saves_and_workers_exit_cleanly(tmp_path):
     ckpts = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
     assert ckpts == [f"step-{last}"]
     verify(tmp_path / "run" / "checkpoints" / f"step-{last}")
+
+
+# Which checkpoint of the launches covers what. A new layout or a new kind of saved state
+# (a new launch case in cases_for) gets its line here.
+WRITTEN_ON = {
+    "ref": "FSDP x PP x TP + SP (2, 2, 2), sync saves",
+    "same_2_2_2": "FSDP x PP x TP + SP (2, 2, 2), resumed",
+    "1_1_4": "TP 4",
+    "4_1_1": "FSDP 4",
+    "2_1_2": "FSDP x TP",
+    "1_2_1": "PP 2",
+    "1_process": "one process",
+    "ref_1_2_1": "PP 2, every 3 steps",
+    "sigterm": "PP 2, async saves",
+    "finetune_1_2_2": "PP x TP, from Hugging Face weights",
+    "shards_ref": "FSDP x TP on llm.c shards",
+    "fault": "PP 2 after two crashes and restarts",
+    "moe_ep2": "MoE: 8 experts over ep=2",
+    "powersgd": "DDP with PowerSGD's per-rank state",
+}
+
+
+@pytest.mark.parametrize("case", WRITTEN_ON)
+def test_every_layouts_checkpoint_reads_through_the_allow_list(runs, case):
+    from tests.unit.test_checkpoint_safety import reads_exactly_as_dcp
+
+    root, _ = runs
+    written = sorted((root / case / "checkpoints").glob("step-*"))
+    assert written, f"{case} ({WRITTEN_ON[case]}) wrote no checkpoint"
+    for path in written:
+        reads_exactly_as_dcp(path)
+    keys = read_dcp_metadata(written[-1]).state_dict_metadata
+    must_hold = {"moe_ep2": ".moe.experts.", "powersgd": "grad_sync."}.get(case, "model.")
+    assert any(must_hold in k for k in keys), f"{case}: no {must_hold} entries"

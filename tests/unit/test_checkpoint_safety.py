@@ -269,6 +269,29 @@ def test_missing_index_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------- genuine checkpoints
 
 
+def reads_exactly_as_dcp(path: Path) -> None:
+    """A gpt3d checkpoint of any layout: verify() passes (sizes, every crc32, the index), the
+    allow-list covers every global its index asks for, and every entry (tensors and the bytes
+    entries of optimizer hyper-parameters) loads bitwise as DCP's own reader loads it.
+    tests/distributed/test_checkpoint.py runs it on checkpoints of every layout."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from gpt3d.checkpoint_dir import verify
+
+    verify(path)
+    assert recorded_globals(path) <= ALLOWED_GLOBALS.keys()
+    index = read_dcp_metadata(path)
+    assert index == plain_metadata(path)
+    request = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        if isinstance(m, TensorStorageMetadata)
+        else None
+        for k, m in index.state_dict_metadata.items()
+    }
+    plain, safe = load_both_ways(request, path, no_dist=True)
+    assert same(safe, plain)
+
+
 @pytest.mark.parametrize("kind", ["sync", "async", "per-item"])
 def test_real_checkpoint_reads_as_dcp_reads_it(kind, real):
     state, root = real
