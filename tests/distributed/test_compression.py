@@ -3,16 +3,18 @@ torchrun launches against the 1-process fp32 reference (same weights, same batch
 
 - gpt3d's own dp_replicate all-reduce (GradSync, used whenever that axis is compressed),
   run in fp32 (PowerSGD configured but never started): exactly the reference, at the parity
-  tolerances, on DDP, HSDP, DDP x PP and DDP x TP.
+  tolerances, on DDP, HSDP (also with grad accumulation), DDP x PP and DDP x TP.
 - bf16 / fp16 reductions: every step-1 gradient equals the fp32 one within the dtype's
   rounding (relative norm error below 2 unit roundoffs: bf16 2^-7, fp16 2^-10; measured:
-  bf16 <= 2.1e-3, fp16 <= 2.6e-4) and measurably differs from it (so the compressed path
+  bf16 <= 3.1e-3, fp16 <= 3.9e-4) and measurably differs from it (so the compressed path
   really ran); losses within 1e-3; parameters and gradients stay fp32; replicas identical.
 - PowerSGD: with error feedback the compressed sums plus the errors still held add up to the
-  exact gradient sum over the steps (1e-5, measured ~1e-7), in training and on fixed
-  matrices, where the running mean converges to the exact sum (measured 0.4 % after 40
-  steps, from 88 % after 1) and a sum of rank <= r is exact at once; training stays within
-  2e-2 of the reference loss over 5 steps (measured 6e-3); replicas stay bitwise identical.
+  exact gradient sum over the steps (1e-5; measured 1e-7 over 6 training steps, 2e-6 over
+  200 steps of fixed matrices), in training and on fixed
+  matrices, where the running mean converges like 1/steps (rank 4 of a full-rank 64 x 48
+  sum: 93 % off after 1 step, 6.9 % after 100, 3.4 % after 200) and a sum of rank <= r is
+  exact at once; training stays within 5e-2 of the reference loss over 5 steps (measured
+  <= 2.9e-2, compressed from step 1); replicas stay bitwise identical.
 - A resume of a PowerSGD run continues bitwise; resumed on another layout, the compressor
   starts afresh and says so.
 """
@@ -63,6 +65,7 @@ NEVER = powersgd(start=10_000)  # GradSync all-reduces in fp32: PowerSGD never s
 EXACT = {
     "ddp2_sync": (2, [DDP, *NEVER]),
     "hsdp_sync": (4, [*HSDP, *NEVER]),
+    "hsdp_sync_grad_accum": (4, [*HSDP, *NEVER, "--training.grad_accum=2"]),
     "ddp2_pp2_sync": (4, [DDP, *NEVER, *PP2]),
     "ddp2_tp2_sync": (4, [DDP, *NEVER, TP2]),
 }
