@@ -2,8 +2,9 @@
 launches of recipes/train.py (tests/distributed/checkpoint_worker.py):
 
 - a run on ep=2 (2 processes) saves at step 3 of 6 and goes on; resuming its step-3 on ep=4,
-  on ep=2 x pp=2, on tp=2 (experts' hidden dim split) and in one process continues with the
-  uninterrupted run's losses (1e-5) and ends with its balancing biases and parameters;
+  on ep=2 x pp=2 (evaluating along the way), on tp=2 (experts' hidden dim split) and in one
+  process continues with the uninterrupted run's losses (1e-5) and ends with its balancing
+  biases and parameters;
 - no sample is repeated or skipped across save + resume (the global sample ids every rank
   drew, joined over the data-parallel ranks, are 0..6 G - 1 in order);
 - the step-3 checkpoint exports (Mixtral-style names) and samples like the checkpoint.
@@ -44,7 +45,9 @@ PP = ["--parallel.pp=2", "--parallel.pp_microbatches=4"]
 # resumed case -> (world size, layout); all resume from the ep=2 run's step-3
 RESUMED = {
     "ep4": (4, ["--parallel.ep=4"]),
-    "ep2_pp2": (4, ["--parallel.ep=2", *PP]),
+    # evaluation at steps 4 and 6: each eval <-> train switch re-runs the pipeline's shape
+    # inference, which must not count as training (biases compared exactly below)
+    "ep2_pp2": (4, ["--parallel.ep=2", *PP, "--training.eval_interval=2"]),
     "tp2": (2, ["--parallel.tp=2"]),
     "one_process": (0, []),
 }
