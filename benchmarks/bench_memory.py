@@ -9,7 +9,8 @@ Theory: a rank holds total/(tp·pp·dp_shard) of the 1-process model state. What
 shard shows up as overshoot: LayerNorm weights and row-parallel biases are replicated over tp,
 and with pp > 1 a tied embedding exists twice (first stage wte, last stage lm_head copy).
 Activations are measured with autograd's saved-tensor hooks (storage-deduplicated, parameters
-excluded), not with process RSS, which on a CPU also counts libraries and the allocator.
+excluded). Resident memory (RSS) is measured too, at start-up and in training, against that
+arithmetic: what a rank really costs the machine (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import (
+    FSDP,
     LAYOUTS,
     REPO,
     SP,
@@ -42,12 +44,12 @@ MEMORY_LAYOUTS = {
     "pp2 GPipe": LAYOUTS["pp2 GPipe"],
     "pp2 1F1B": LAYOUTS["pp2 1F1B"],
     "pp2 ZBVZeroBubble": LAYOUTS["pp2 ZBVZeroBubble"],
-    "dp4 FSDP": (4, []),
+    "dp4 FSDP": (4, [FSDP]),
     "tp4": (4, ["--parallel.tp=4"]),
     "dp2×tp2 FSDP+SP": LAYOUTS["dp2×tp2 FSDP+SP"],
-    "dp2×pp2 FSDP": (4, pp_args(2, "1F1B", 4)),
+    "dp2×pp2 FSDP": (4, [FSDP, *pp_args(2, "1F1B", 4)]),
     "tp2×pp2 1F1B": LAYOUTS["tp2×pp2 1F1B"],
-    "dp2×pp2×tp2 FSDP+SP": (8, [TP2, SP, *pp_args(2, "1F1B", 4)]),
+    "dp2×pp2×tp2 FSDP+SP": (8, [FSDP, TP2, SP, *pp_args(2, "1F1B", 4)]),
 }
 MiB = 2**20
 
@@ -71,12 +73,35 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
         "state_MiB": max(state) / MiB,
         "state_min_MiB": min(state) / MiB,
         "act_MiB": max(r["activation_peak_bytes"] for r in ranks) / MiB,
+        **rss_columns(ranks),
     }
     if ref is not None:
         row["theory_MiB"] = ref["state_MiB"] / row["shards"]
         row["vs_theory"] = row["state_MiB"] / row["theory_MiB"]
         row["act_rel"] = row["act_MiB"] / ref["act_MiB"]
     return row
+
+
+def rss_columns(ranks: list[dict]) -> dict:
+    """Resident memory (MiB) of the rank that used the most, at start-up and in training,
+    above its own baseline, against the arithmetic: parameters at start-up; parameters +
+    gradients + AdamW + saved activations in training. The target: excess <= 1.25."""
+
+    def worst(peak: str, arithmetic) -> tuple[float, float]:
+        above = [(r[peak] - r["rss_baseline_gib"]) * 1024 for r in ranks]
+        i = above.index(max(above))
+        return above[i], above[i] / (arithmetic(ranks[i]) / MiB)
+
+    start, start_x = worst("rss_startup_peak_gib", lambda r: r["param_bytes"])
+    state = ("param_bytes", "grad_bytes", "optim_bytes", "activation_peak_bytes")
+    train, train_x = worst("rss_training_peak_gib", lambda r: sum(r[k] for k in state))
+    return {
+        "rss_base_MiB": max(r["rss_baseline_gib"] for r in ranks) * 1024,
+        "rss_start_MiB": start,
+        "rss_start_x": start_x,
+        "rss_train_MiB": train,
+        "rss_train_x": train_x,
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -133,7 +158,10 @@ def main() -> None:
         "param_MiB:params:.2f; grad_MiB:grads:.2f; optim_MiB:AdamW:.2f;"
         "state_MiB:state max:.2f; state_min_MiB:state min:.2f;"
         "theory_MiB:theory:.2f; vs_theory:max / theory:.3f;"
-        "act_MiB:activations peak:.2f; act_rel:act × 1 proc:.2f"
+        "act_MiB:activations peak:.2f; act_rel:act × 1 proc:.2f;"
+        "rss_base_MiB:RSS baseline:.0f; rss_start_MiB:start-up RSS above base:.0f;"
+        "rss_start_x:÷ params:.2f; rss_train_MiB:training RSS above base:.0f;"
+        "rss_train_x:÷ (state + act):.2f"
     )
     worst = max((r for r in rows if "vs_theory" in r), key=lambda r: r["vs_theory"])
     notes = [
@@ -146,6 +174,11 @@ def main() -> None:
         "tensor hooks, storage-deduplicated, parameters excluded); act × 1 proc is relative to "
         "the 1-process peak",
         f"largest overshoot: {worst['layout']} at {worst['vs_theory']:.3f} x theory",
+        "RSS (resident set size, /proc/self/status) of the rank that used the most, above its "
+        "own baseline (RSS right before building the Trainer, freed memory returned first): "
+        "start-up peak while building and initialising the model, ÷ its parameter bytes; "
+        "training peak over the warm-up and timed steps, ÷ (params + grads + AdamW + saved "
+        "activations). Target: both ÷ <= 1.25",
     ]
     config = {"args": {k: v for k, v in vars(a).items() if k != "out"}}
     write_results(

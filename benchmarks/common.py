@@ -59,29 +59,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def matmul_peak_flops(dtype=torch.float32, n: int = 1024, seconds: float = 1.0, device="cpu"):
-    """Measured dense matmul FLOP/s of this device (best of a few timed windows): the
-    realistic ceiling MFU is measured against on a CPU, where no datasheet number applies."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    best = 0.0
-    for _ in range(3):
-        a @ b
-        _sync(device)
-        t0, k = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            k += 1
-        _sync(device)
-        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
-    return best
-
-
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def launch(nproc: int, cases: dict, out_dir: Path, timeout: float = 1200) -> dict:
     """Run benchmarks/worker.py on nproc processes (plain python for 1) over `cases`
     ({name: {"args": [...], ...}}); returns {name: [per-rank result dicts]}."""
@@ -214,10 +191,11 @@ def median(xs: list[float]) -> float:
 from tests.helpers import pp_args  # noqa: E402
 
 TP2, SP, DDP = "--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.dp_mode=ddp"
+FSDP = "--parallel.dp_mode=fsdp"  # explicit: the default (auto) picks ddp for small models
 # name -> (world size, layout overrides); pipeline layouts use 4 microbatches
 LAYOUTS = {
     "1 process": (1, []),
-    "dp2 FSDP": (2, []),
+    "dp2 FSDP": (2, [FSDP]),
     "dp2 DDP": (2, [DDP]),
     "tp2": (2, [TP2]),
     "tp2+SP": (2, [TP2, SP]),
@@ -228,9 +206,9 @@ LAYOUTS = {
     "pp2 InterleavedZeroBubble": (2, pp_args(2, "InterleavedZeroBubble", 4, 2)),
     "pp2 ZBVZeroBubble": (2, pp_args(2, "ZBVZeroBubble", 4, 2)),
     "pp2 DualPipeV": (2, pp_args(2, "DualPipeV", 4, 2)),
-    "dp2×tp2 FSDP+SP": (4, [TP2, SP]),
+    "dp2×tp2 FSDP+SP": (4, [FSDP, TP2, SP]),
     "tp2×pp2 1F1B": (4, [TP2, SP, *pp_args(2, "1F1B", 4)]),
-    "dp2×pp2×tp2 FSDP+SP": (8, [TP2, SP, *pp_args(2, "1F1B", 4)]),
+    "dp2×pp2×tp2 FSDP+SP": (8, [FSDP, TP2, SP, *pp_args(2, "1F1B", 4)]),
 }
 
 

@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt3d import host_memory  # noqa: E402
 from gpt3d.config import load_config  # noqa: E402
 from gpt3d.launch import guarded_main  # noqa: E402
-from gpt3d.metrics import peak_memory_gib  # noqa: E402
 from gpt3d.trainer import Trainer  # noqa: E402
 from tests.helpers import cases_main  # noqa: E402
 
@@ -113,7 +113,6 @@ def memory_record(trainer: Trainer) -> dict:
         "grad_bytes": nbytes(p.grad for p in trainer.params),
         "optim_bytes": nbytes(t for t in state if isinstance(t, torch.Tensor)),
         "activation_peak_bytes": meter.peak,
-        "rss_gib": peak_memory_gib(trainer.env.device),
     }
 
 
@@ -141,9 +140,32 @@ def stage_compute(trainer: Trainer, repeats: int) -> float:
     return best
 
 
+def import_torch_distributed() -> None:
+    """Import what building and training import lazily, so that the baseline holds it."""
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+    from torch.distributed._composable import checkpoint, replicate_with_fsdp  # noqa: F401
+
+
+def build(spec: dict) -> tuple[Trainer, dict]:
+    """The Trainer, and resident memory around its construction: the process baseline
+    before it (freed memory of earlier cases returned first) and the start-up peak."""
+    import_torch_distributed()
+    gc.collect()
+    host_memory.release()
+    rss = {"rss_baseline_gib": host_memory.rss_gib()}
+    host_memory.reset_peak_rss()
+    trainer = Trainer.from_config(load_config(spec["args"]))
+    rss["rss_startup_peak_gib"] = host_memory.peak_rss_gib()
+    host_memory.reset_peak_rss()
+    return trainer, rss
+
+
 def run_case(spec: dict, out: Path) -> None:
     torch.set_num_threads(spec.get("threads", 1))
-    trainer = Trainer.from_config(load_config(spec["args"]))
+    trainer, rss = build(spec)
     fb_times: list[float] = []
     for _ in range(spec.get("warmup", 2)):
         trainer.train_step()
@@ -175,6 +197,7 @@ def run_case(spec: dict, out: Path) -> None:
         record["microbatches"] = trainer.cfg.parallel.pp_microbatches
     if spec.get("memory"):
         record.update(memory_record(trainer))
+        record.update(rss, rss_training_peak_gib=host_memory.peak_rss_gib())
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.env.rank}.json").write_text(json.dumps(record))
     del trainer

@@ -57,6 +57,13 @@ class JobConfig:
     log_all_ranks: bool = _f(
         False, "print logs from every rank, prefixed with the rank; default only rank 0"
     )
+    malloc_mmap_threshold_kb: int = _f(
+        -1,
+        "CPU (glibc): blocks above this size are mmap'ed, so freed transient buffers leave "
+        "the resident set; -1 = 64 on CPU ranks with sharded data parallelism (leaner, a "
+        "little slower), glibc's default elsewhere; 0 = glibc's default (docs/memory.md)",
+        ge=-1,
+    )
 
 
 @dataclass
@@ -134,7 +141,19 @@ class TrainingConfig:
     eval_steps: int = _f(4, "batches per evaluation")
     log_interval: int = _f(10, "log metrics every N steps", ge=1)
     dtype: str = _f("float32", "compute dtype", choices=("float32", "bfloat16"))
-    compile: bool = _f(False, "torch.compile each transformer block")
+    compile: bool = _f(False, "torch.compile the model (see compile_scope)")
+    compile_scope: str = _f(
+        "blocks",
+        "with compile: 'blocks' compiles each transformer block; 'stage' compiles each pipeline "
+        "stage as one graph, together with the loss on the stage that computes it",
+        choices=("blocks", "stage"),
+    )
+    compile_mode: str = _f(
+        "default",
+        "torch.compile mode; reduce-overhead uses CUDA graphs (GPU), max-autotune searches "
+        "kernel configurations (slow first step)",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
     activation_checkpointing: str = _f(
         "none", "recompute activations in backward", choices=("none", "full", "selective")
     )
@@ -165,7 +184,13 @@ class ParallelConfig:
     )
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations over the sequence")
     loss_parallel: bool = _f(True, "compute the loss on vocab-sharded logits (no all-gather)")
-    dp_mode: str = _f("fsdp", "data-parallel wrapper", choices=("fsdp", "ddp"))
+    dp_mode: str = _f(
+        "auto",
+        "data-parallel wrapper: fsdp (FSDP2: shard params, grads, optimizer state), ddp "
+        "(replicate), or auto: ddp when the unsharded model state takes at most a quarter of a "
+        "rank's memory and no sharding is asked for, else fsdp (the choice is logged)",
+        choices=("auto", "fsdp", "ddp"),
+    )
     grad_reduce_dtype: str = _f(
         "float32",
         "dtype of the data-parallel gradient reduction on every dp axis; float16 is scaled by "
@@ -226,9 +251,11 @@ class MetricsConfig:
     """Throughput / MFU accounting and outputs."""
 
     peak_tflops: float = _f(
-        0.0, "peak dense TFLOP/s per device for MFU; 0 = device table (no CPU entry)", ge=0.0
+        0.0,
+        "peak dense TFLOP/s per device for MFU; 0 = the datasheet on GPUs, the matmul peak "
+        "measured at start-up on CPUs",
+        ge=0.0,
     )
-    cpu_peak_tflops: float = _f(0.5, "peak TFLOP/s used on CPU when peak_tflops is 0", gt=0.0)
     tensorboard: bool = _f(False, "also write TensorBoard event files")
     plot: bool = _f(True, "loss-curve PNG at the end if matplotlib is installed")
     wandb: bool = _f(

@@ -337,9 +337,10 @@ def _header_shapes(files: list[Path]) -> dict[str, tuple[Path, Tensor]]:
 
 
 class LazyHFWeights:
-    """weights(name, full_shape) -> one gpt3d tensor read from HF GPT-2 safetensors, for
-    gpt3d.parallel.parallelize.load_weights: each call reads just the bytes it needs (a q/k/v
-    slice of c_attn, one Conv1D weight, transposed), so no process ever holds the whole model.
+    """weights(name, full_shape, region) -> a gpt3d tensor (or the region of it a rank holds)
+    read from HF GPT-2 safetensors, for gpt3d.parallel.parallelize.load_weights: each call
+    reads just the bytes it needs (a shard of a q/k/v slice of c_attn, of a transposed Conv1D
+    weight), so no process ever holds the whole model, nor a whole sharded tensor.
 
     Every HF key and shape is checked against `cfg` from the file headers at construction."""
 
@@ -353,6 +354,7 @@ class LazyHFWeights:
         if cfg.tie_embeddings:
             shapes.pop("lm_head.weight", None)
         _check_shapes(shapes, _hf_shapes(cfg), cfg, "GPT-2 checkpoint")
+        self.shapes = _gpt3d_shapes(cfg)  # gpt3d name -> full shape
 
     def _read(self, name: str, index=None) -> Tensor:
         f, key = self.where[name]
@@ -364,20 +366,33 @@ class LazyHFWeights:
         except Exception as e:  # the file changed since its header was checked
             raise CheckpointError(f"{f}: cannot read {key!r} ({e})") from None
 
-    def __call__(self, name: str, shape=None) -> Tensor:
-        C, Vp = self.cfg.n_embd, self.cfg.padded_vocab_size
-        if name in ("wte.weight", "lm_head.weight"):
+    def __call__(self, name: str, shape=None, region=None) -> Tensor:
+        """gpt3d tensor `name` as fp32, or only its `region` (one slice per dim of the
+        gpt3d shape: a rank's shard), read straight from the file without the rest."""
+        full = self.shapes[name]
+        r = [_bounds(x, n) for x, n in zip(region or [slice(None)] * len(full), full, strict=True)]
+        if name in ("wte.weight", "lm_head.weight"):  # rows past vocab_size: padding, zero
             source = "wte.weight" if self.cfg.tie_embeddings else name
-            return _pad_rows(self._read(source), Vp).float()
+            (r0, r1), (c0, c1) = r
+            V = self.cfg.vocab_size
+            rows = self._read(source, (slice(min(r0, V), min(r1, V)), slice(c0, c1)))
+            return _pad_rows(rows, r1 - r0).float()
         if m := re.fullmatch(r"(h\.\d+\.)attn\.([qkv])_proj\.(weight|bias)", name):
-            j = "qkv".index(m[2])  # columns [jC, (j+1)C) of Conv1D c_attn (C, 3C)
-            cols = slice(j * C, (j + 1) * C)
+            off = "qkv".index(m[2]) * self.cfg.n_embd  # its columns of Conv1D c_attn (C, 3C)
+            out = slice(r[0][0] + off, r[0][1] + off)
             if m[3] == "bias":
-                return self._read(m[1] + "attn.c_attn.bias", cols).float()
-            return self._read(m[1] + "attn.c_attn.weight", (slice(None), cols)).T.float()
+                return self._read(m[1] + "attn.c_attn.bias", (out,)).float()
+            return self._read(m[1] + "attn.c_attn.weight", (slice(*r[1]), out)).T.float()
         if name.endswith(".weight") and any(f".{c}." in f".{name}" for c in _CONV1D):
-            return self._read(name).T.float()  # Conv1D (in, out) -> Linear (out, in)
-        return self._read(name).float()
+            # Conv1D (in, out) -> Linear (out, in): read the transposed region
+            return self._read(name, (slice(*r[1]), slice(*r[0]))).T.float()
+        return self._read(name, tuple(slice(*b) for b in r)).float()
+
+
+def _bounds(region: slice, n: int) -> tuple[int, int]:
+    start, stop, step = region.indices(n)
+    assert step == 1, "weights are read in contiguous slices"
+    return start, stop
 
 
 def hf_config(path: str | os.PathLike, *, n_head: int | None = None, pad_vocab_multiple: int = 1):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gpt3d.host_memory import peak_rss_gib
 from gpt3d.model import GPTConfig, count_params_formula
 
 # Peak dense bf16 TFLOP/s per device (vendor datasheets, without sparsity).
@@ -37,34 +38,93 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
-def device_peak_flops(device: torch.device, peak_tflops: float, cpu_peak_tflops: float) -> float:
-    """Peak FLOP/s of one device: the configured value, the table by GPU name, or the CPU value."""
-    if peak_tflops > 0:
-        return peak_tflops * 1e12
+@dataclass(frozen=True)
+class Peak:
+    """Peak dense FLOP/s of one device for MFU, and where the number comes from."""
+
+    flops: float
+    source: str
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0):
+    """metrics.peak_tflops when set; on a GPU the datasheet table by name; on a CPU the
+    matmul peak measured here, now, for this dtype and thread count (~0.3 s)."""
+    if configured_tflops > 0:
+        return Peak(configured_tflops * 1e12, f"metrics.peak_tflops = {configured_tflops}")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in PEAK_TFLOPS.items():
             if key in name:
-                return tflops * 1e12
+                return Peak(tflops * 1e12, f"the {key} datasheet ({tflops:.0f} TFLOP/s bf16)")
         print(f"warning: no peak FLOP/s for {name!r}; set metrics.peak_tflops", file=sys.stderr)
-        return float("nan")
-    return cpu_peak_tflops * 1e12
+        return Peak(float("nan"), f"unknown ({name})")
+    flops = matmul_peak_flops(dtype, n=512, seconds=0.3)
+    kind = str(dtype).removeprefix("torch.")
+    threads = torch.get_num_threads()
+    return Peak(
+        flops,
+        f"{flops / 1e9:.0f} GFLOP/s, the {kind} matmul peak measured on this "
+        f"CPU with {threads} thread{'s' * (threads > 1)}",
+    )
+
+
+def matmul_peak_flops(dtype=torch.float32, n: int = 1024, seconds: float = 1.0, device="cpu"):
+    """Measured dense matmul FLOP/s of this device (best of three timed windows): the
+    realistic ceiling for MFU on a CPU, where no datasheet number applies."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = 0.0
+    for _ in range(3):
+        a @ b
+        _sync(device)
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 3:
+            a @ b
+            k += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
+    return best
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def progress_meter(run, env, log, writer: MetricsWriter) -> ProgressMeter:
-    """The ProgressMeter of a run on this process's device (MFU over all world_size devices)."""
+    """The ProgressMeter of a run on this process's device (MFU over all world_size devices);
+    logs once what the MFU is measured against."""
     t, m = run.config.training, run.config.metrics
     tokens = t.global_batch_size * t.seq_len
     flops = flops_per_token(run.model, t.seq_len) * tokens
-    peak = device_peak_flops(env.device, m.peak_tflops, m.cpu_peak_tflops) * env.world_size
-    return ProgressMeter(log, writer, t, tokens, flops, peak, env.device)
+    dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    peak = device_peak(env.device, dtype, m.peak_tflops)
+    memory = "peak GPU memory allocated" if env.device.type == "cuda" else "peak RSS"
+    log(f"mfu is against {peak.source}, per process; mem is the {memory} of the fullest rank")
+    return ProgressMeter(log, writer, t, tokens, flops, peak.flops * env.world_size, env.device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated device memory (GPU) or peak resident set size of this process (CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_gib()
+
+
+def memory_record(device: torch.device) -> dict[str, float]:
+    """Per logged step: this rank's peak memory and the maximum over all ranks (collective:
+    every rank calls it), plus the CUDA caching allocator's reserved peak on a GPU.
+    memory_gib is peak device memory allocated on a GPU, peak resident set size on a CPU."""
+    mine = peak_memory_gib(device)
+    values = [mine, torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0]
+    if torch.distributed.is_initialized():  # NCCL reduces CUDA tensors only; gloo takes CPU
+        t = torch.tensor(values, device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        values = t.tolist()
+    record = {"memory_gib": mine, "memory_max_gib": values[0]}
+    if device.type == "cuda":
+        record["memory_reserved_max_gib"] = values[1]
+    return record
 
 
 class MetricsWriter:
@@ -186,7 +246,7 @@ class ProgressMeter:
             "tokens_per_sec": self.tokens / dt,
             "step_time_s": dt,
             "mfu": self.flops / dt / self.peak,
-            "memory_gib": peak_memory_gib(self.device),
+            **memory_record(self.device),
         }
         moe = getattr(stats, "moe", None) or {}  # MoE balance (expert_parallel.py)
         r.update(moe)
@@ -199,7 +259,7 @@ class ProgressMeter:
         self.log(
             f"step {step:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
             f"norm {r['grad_norm']:.3f}{moe_text} | {r['tokens_per_sec']:,.0f} tok/s | "
-            f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_gib']:.2f} GiB | "
+            f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_max_gib']:.2f} GiB | "
             f"eta {(self.total - step) * dt:.0f}s"
         )
         self.writer.write(r)

@@ -216,27 +216,19 @@ class GPT(nn.Module):
         self.lm_head: nn.Linear | None = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if cfg.vocab_size < V:
-            # True on padded vocab rows; their logits are -inf so they never count.
-            self.register_buffer(
-                "vocab_pad_mask", torch.empty(V, dtype=torch.bool), persistent=False
-            )
-            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (needed after building on the meta device): the
-        vocab pad mask and the MoE layers' token counts and aux-loss record."""
+        MoE layers' token counts and aux-loss record."""
         for block in self.h.values():
             if block.moe is not None:
                 block.moe.reset_stats()
-        if hasattr(self, "vocab_pad_mask"):
-            V = self.config.padded_vocab_size
-            mask = torch.arange(V, device=self.vocab_pad_mask.device) >= self.config.vocab_size
-            self.vocab_pad_mask = mask
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) token ids, or (B, T, C) hidden states when this stage has no embeddings.
-        Returns (B, T, padded_vocab) logits, or (B, T, C) hidden states without an lm_head."""
+        Returns (B, T, padded_vocab) logits, or (B, T, C) hidden states without an lm_head.
+        Columns >= vocab_size of a padded vocabulary are not tokens: use logits[..., :V]
+        (gpt3d's loss and sampling only ever look at those; the padded rows stay zero)."""
         x = idx
         if self.wte is not None:
             pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
@@ -246,9 +238,7 @@ class GPT(nn.Module):
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.lm_head is not None:
-            x = self.lm_head(x)
-            if hasattr(self, "vocab_pad_mask"):
-                x = x.masked_fill(self.vocab_pad_mask, float("-inf"))
+            x = self.lm_head(x)  # (B, T, padded_vocab)
         return x
 
     @torch.no_grad()
@@ -266,16 +256,25 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
-    """Initial value of parameter `name` (full, unsharded shape) as a CPU fp32 tensor.
+INIT_BLOCK_ELEMENTS = 1 << 20  # init is drawn in blocks of whole rows, ~4 MB of fp32 each
 
-    Each parameter has its own generator seeded from (seed, name), so values never depend on
-    which other parameters this rank holds. lm_head.weight reuses wte's stream when tied, so
-    the two pipeline-stage copies of a tied embedding start equal."""
+
+def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int, region=None):
+    """Initial value of parameter `name` (full shape `shape`) as a CPU fp32 tensor, or only
+    the part `region` (a tuple of slices, one per dim: a rank's shard) of it.
+
+    Values never depend on the layout: each parameter is drawn in fixed blocks of whole rows
+    (dim 0), each block from its own generator seeded with (seed, name, block), so a shard
+    gets exactly the values the whole model would while drawing only the blocks its rows
+    overlap and holding one block at a time; a pipeline stage gets the whole model's values
+    too. lm_head.weight reuses wte's stream when tied (the two pipeline-stage copies of a
+    tied embedding start equal)."""
+    region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
+    out_shape = region_shape(shape, region)
     if name.endswith(".bias"):
-        return torch.zeros(shape)
+        return torch.zeros(out_shape)
     if ".ln_" in f".{name}":
-        return torch.ones(shape)
+        return torch.ones(out_shape)
     if name == "lm_head.weight" and cfg.tie_embeddings:
         name = "wte.weight"
     std = 0.02
@@ -283,8 +282,28 @@ def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int) -> torch
     # experts' w1 keep 0.02 like the dense c_fc.
     if name.endswith(("c_proj.weight", "experts.w2")):
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    value = torch.randn(shape, generator=gen) * std
-    if name in ("wte.weight", "lm_head.weight"):
-        value[cfg.vocab_size :] = 0.0  # padded vocab rows
-    return value
+    out = _normal_rows(name, shape, region, out_shape, seed) * std
+    if name in ("wte.weight", "lm_head.weight"):  # padded vocab rows start (and stay) zero
+        first = region[0].indices(shape[0])[0]
+        out[max(0, cfg.vocab_size - first) :] = 0.0
+    return out
+
+
+def region_shape(shape, region: tuple) -> list[int]:
+    """Shape of tensor[region] for a tensor of `shape` (region: one slice per dim)."""
+    return [len(range(*r.indices(n))) for r, n in zip(region, shape, strict=True)]
+
+
+def _normal_rows(name: str, shape, region: tuple, out_shape: list, seed: int) -> torch.Tensor:
+    """N(0, 1) values of `region` of a (shape) tensor drawn block by block over dim 0."""
+    rows_per_block = max(1, INIT_BLOCK_ELEMENTS // max(math.prod(shape[1:]), 1))
+    lo, hi, _ = region[0].indices(shape[0])
+    out = torch.empty(out_shape)
+    for block in range(lo // rows_per_block, (hi - 1) // rows_per_block + 1 if hi > lo else 0):
+        b0, b1 = block * rows_per_block, min((block + 1) * rows_per_block, shape[0])
+        key = zlib.crc32(f"{name}#{block}".encode())
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + key) % 2**63)
+        values = torch.randn([b1 - b0, *shape[1:]], generator=gen)  # (rows of block, ...)
+        a, z = max(lo, b0), min(hi, b1)
+        out[a - lo : z - lo] = values[(slice(a - b0, z - b0), *region[1:])]
+    return out

@@ -25,7 +25,7 @@ from gpt3d.checkpoint_dir import checkpoint_root, find_resume, verify
 from gpt3d.config import Config, gpt_config
 from gpt3d.data import validate_dataset
 from gpt3d.errors import CheckpointError, ConfigError, DataError
-from gpt3d.model import GPTConfig, describe
+from gpt3d.model import GPTConfig, count_params_formula, describe
 from gpt3d.parallel.dims import (
     SINGLE_STAGE_SCHEDULES,
     V_SCHEDULES,
@@ -47,6 +47,7 @@ class RunPlan:
     resume: Path | None  # a verified checkpoint to continue from
     pretrained: object | None  # gpt3d.hf.LazyHFWeights to start from (never when resuming)
     ep_rules: tuple = ()  # the plan's [experts] rules (gpt3d.parallel.expert_parallel)
+    dp_choice: str = ""  # why parallel.dp_mode is what it is
 
     def describe(self) -> str:
         start = (
@@ -56,7 +57,8 @@ class RunPlan:
             if self.pretrained
             else f"fresh init (seed {self.config.job.seed})"
         )
-        return f"layout {self.dims.describe()}; model {describe(self.model)}; {start}"
+        dp = f"; data parallel: {self.dp_choice}" if self.dims.dp > 1 else ""
+        return f"layout {self.dims.describe()}{dp}; model {describe(self.model)}; {start}"
 
 
 def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
@@ -69,6 +71,7 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
         _take_pretrained_shape(cfg, pretrained_path)
     model = gpt_config(cfg.model)
     check_model(model, cfg)
+    dp_choice = choose_dp_mode(cfg, model, world_size)  # parallel.dp_mode "auto" -> fsdp/ddp
     dims = resolve_dims(cfg.parallel, world_size)
     check_layout(dims, model, cfg.training, cfg.parallel)
     check_outputs(cfg, world_size)
@@ -84,7 +87,46 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
         from gpt3d.hf import LazyHFWeights
 
         pretrained = LazyHFWeights(pretrained_path, model)  # checks every tensor's shape
-    return RunPlan(cfg, model, dims, tp_rules, dataset, resume, pretrained, ep_rules)
+    return RunPlan(cfg, model, dims, tp_rules, dataset, resume, pretrained, ep_rules, dp_choice)
+
+
+AUTO_DDP_FRACTION = 0.25  # replicate when the model state takes at most this of a rank's memory
+
+
+def choose_dp_mode(cfg: Config, model: GPTConfig, world_size: int) -> str:
+    """parallel.dp_mode "auto": DDP when the unsharded model state (fp32 params + grads +
+    AdamW, 16 bytes per parameter, divided by tp and pp) fits comfortably in a rank's
+    memory, so FSDP's per-step gathers and reduce-scatters would buy nothing; FSDP otherwise
+    and whenever sharding is asked for (dp_shard > 1, HSDP, expert parallelism). Sets the
+    concrete mode in cfg and returns why (logged)."""
+    p = cfg.parallel
+    if p.dp_mode != "auto":
+        return f"{p.dp_mode} (parallel.dp_mode)"
+    if p.dp_shard > 1 or getattr(p, "ep", 1) > 1:
+        p.dp_mode = "fsdp"
+        return "fsdp (parallel.dp_shard / ep ask for sharding)"
+    state = 16 * count_params_formula(model) / (p.tp * p.pp)
+    per_rank = _memory_per_rank(world_size)
+    fits = state <= AUTO_DDP_FRACTION * per_rank
+    p.dp_mode = "ddp" if fits else "fsdp"
+    return (
+        f"{p.dp_mode} (auto: the unsharded model state, {state / 2**30:.2f} GiB per rank, is "
+        f"{'within' if fits else 'over'} {AUTO_DDP_FRACTION:.0%} of the "
+        f"{per_rank / 2**30:.1f} GiB a rank has{'' if fits else ': shard it'})"
+    )
+
+
+def _memory_per_rank(world_size: int) -> float:
+    """Bytes of memory one rank can use: its GPU, or this host's RAM split over its ranks."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        return torch.cuda.get_device_properties(local).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram / int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -193,8 +235,8 @@ def check_layout(dims: ParallelDims, model: GPTConfig, training, parallel) -> No
     _check_tp(dims.tp, model, training, parallel)
     _check_pipeline(dims.pp, model, parallel)
     _check_batch(dims, training, parallel)
-    _check_grad_reduction(dims, parallel)
     _check_experts(dims, model, training, parallel)
+    _check_grad_reduction(dims, parallel)
 
 
 def _check_tp(tp: int, model: GPTConfig, training, parallel) -> None:
@@ -287,6 +329,31 @@ def _check_batch(dims: ParallelDims, training, parallel) -> None:
     )
 
 
+def _check_grad_reduction(dims: ParallelDims, parallel) -> None:
+    """Gradient compression names the dp_replicate axis: it needs one that all-reduces."""
+    from gpt3d.parallel.compression import replicate_all_reduces
+
+    _require(
+        not parallel.grad_reduce_dtype_replicate or dims.dp_replicate > 1,
+        f"parallel.grad_reduce_dtype_replicate={parallel.grad_reduce_dtype_replicate} sets "
+        "the dtype over dp_replicate, and this layout has dp_replicate=1; drop it, or use "
+        "parallel.grad_reduce_dtype (every data-parallel axis)",
+    )
+    if parallel.grad_compression != "powersgd" or replicate_all_reduces(dims, parallel.dp_mode):
+        return
+    why = (
+        "this layout has dp_replicate=1"
+        if dims.dp_replicate == 1
+        else "with dp_mode=fsdp and dp_shard=1 FSDP shards over dp_replicate"
+    )
+    raise ConfigError(
+        f"parallel.grad_compression=powersgd compresses the all-reduce over dp_replicate, and "
+        f"{why}: an FSDP reduce-scatter cannot be low-rank compressed (each rank keeps only "
+        "its shard); use --parallel.dp_mode=ddp, HSDP (dp_replicate > 1 and dp_shard > 1), "
+        "or --parallel.grad_reduce_dtype=bfloat16"
+    )
+
+
 def _check_moe(model: GPTConfig, cfg: Config) -> None:
     """Mixture-of-Experts settings (docs/moe.md) that the model itself cannot run."""
     from gpt3d.config import MOE_SHAPE_KEYS
@@ -352,31 +419,6 @@ def _check_experts(dims: ParallelDims, model: GPTConfig, training, parallel) -> 
     )
 
 
-def _check_grad_reduction(dims: ParallelDims, parallel) -> None:
-    """Gradient compression names the dp_replicate axis: it needs one that all-reduces."""
-    from gpt3d.parallel.compression import replicate_all_reduces
-
-    _require(
-        not parallel.grad_reduce_dtype_replicate or dims.dp_replicate > 1,
-        f"parallel.grad_reduce_dtype_replicate={parallel.grad_reduce_dtype_replicate} sets "
-        "the dtype over dp_replicate, and this layout has dp_replicate=1; drop it, or use "
-        "parallel.grad_reduce_dtype (every data-parallel axis)",
-    )
-    if parallel.grad_compression != "powersgd" or replicate_all_reduces(dims, parallel.dp_mode):
-        return
-    why = (
-        "this layout has dp_replicate=1"
-        if dims.dp_replicate == 1
-        else "with dp_mode=fsdp and dp_shard=1 FSDP shards over dp_replicate"
-    )
-    raise ConfigError(
-        f"parallel.grad_compression=powersgd compresses the all-reduce over dp_replicate, and "
-        f"{why}: an FSDP reduce-scatter cannot be low-rank compressed (each rank keeps only "
-        "its shard); use --parallel.dp_mode=ddp, HSDP (dp_replicate > 1 and dp_shard > 1), "
-        "or --parallel.grad_reduce_dtype=bfloat16"
-    )
-
-
 # ---------------------------------------------------------------------------- plan, resume
 
 
@@ -402,12 +444,14 @@ def _plan_rules(model: GPTConfig, cfg: Config, dims: ParallelDims) -> list:
 def _verified_resume(cfg: Config, model: GPTConfig, rank: int = 0) -> Path | None:
     """checkpoint.resume -> a verified checkpoint directory, or None for a fresh start
     ("auto" with nothing saved yet is a fresh start). Only rank 0 reads every byte for the
-    checksums: a damaged file ends the job there while the others wait in the process group."""
+    checksums and samples the dataset for its fingerprint: a damaged file or another dataset
+    ends the job there while the others wait in the process group."""
     path = find_resume(cfg.checkpoint.resume, cfg.job.output_dir)
     if path is None:
         return None
     meta = verify(path, model, checksums=cfg.checkpoint.verify_checksums and rank == 0)
-    _check_same_dataset(path, meta, cfg)
+    if rank == 0:
+        _check_same_dataset(path, meta, cfg)
     _check_room_for_next(path, meta, cfg)
     loader = meta["loader"]
     for key, now in (("seed", cfg.job.seed), ("seq_len", cfg.training.seq_len)):

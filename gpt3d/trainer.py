@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpt3d import host_memory
 from gpt3d.config import Config
 from gpt3d.data import ShardedLoader, eval_batches
 from gpt3d.errors import TrainingDiverged
-from gpt3d.loss import GlobalMeanLoss, detached_local, loss_parallel_context
+from gpt3d.loss import GlobalMeanLoss, detached_local
 from gpt3d.model import init_value
 from gpt3d.moe import set_aux_scale
 from gpt3d.optim import build_optimizer, lr_at, set_lr
@@ -32,6 +33,14 @@ from gpt3d.parallel.utils import (
     sync_tied_embedding_grads,
 )
 from gpt3d.preflight import RunPlan, preflight
+
+
+def _limit_host_retention(run: RunPlan, device: torch.device) -> int:
+    """job.malloc_mmap_threshold_kb -> the glibc mmap threshold set (bytes; 0 = untouched)."""
+    kb = run.config.job.malloc_mmap_threshold_kb
+    if kb < 0:  # auto: lean where memory is why the user shards
+        kb = 64 if device.type == "cpu" and run.dims.dp_shard > 1 else 0
+    return kb * 1024 if kb and host_memory.limit_retention(kb * 1024) else 0
 
 
 @dataclass
@@ -53,19 +62,25 @@ class Trainer:
     def __init__(self, run: RunPlan):
         self.run, self.cfg, self.model_cfg, self.dims = run, run.config, run.model, run.dims
         self.env = dist_env()
+        self.malloc_mmap_threshold = _limit_host_retention(run, self.env.device)
         init_process_group(self.env, self.cfg.parallel.timeout_s)
         self.mesh = build_mesh(self.dims, self.env.device.type) if self.env.world_size > 1 else None
         t, p = self.cfg.training, self.cfg.parallel
-        self.loss_fn = GlobalMeanLoss(t.global_batch_size * t.seq_len)
-        self.loss_parallel = self.dims.tp > 1 and p.loss_parallel
+        self.loss_fn = GlobalMeanLoss(t.global_batch_size * t.seq_len, self.model_cfg.vocab_size)
         # The one composition order, in its three steps (gpt3d/parallel/parallelize.py).
         self.parts = parallelize(run, self.mesh)
-        mask_mesh = self.mesh["tp"] if self.loss_parallel else None
-        materialize(self.parts, self.env.device, self._initial_weights(), mask_mesh)
+        materialize(self.parts, self.env.device, self._initial_weights())
+        host_memory.release()  # give start-up's transient blocks back to the OS
         for chunk in self.parts.chunks:  # the aux loss's gradient scale: coef / global sequences
             set_aux_scale(chunk, self.model_cfg.moe_aux_coef / t.global_batch_size)
+        self._model_loss = self._forward_with_loss  # pp = 1: logits -> loss in one call
+        if t.compile and t.compile_scope == "stage":
+            mode = None if t.compile_mode == "default" else t.compile_mode
+            self._model_loss = torch.compile(self._forward_with_loss, mode=mode)  # incl. loss
         if self.dims.pp > 1:
-            build_schedule(self.parts, self.mesh, self.env.device, p, self.loss_fn)
+            stage_scope = t.compile and t.compile_scope == "stage"
+            loss_fn = torch.compile(self.loss_fn) if stage_scope else self.loss_fn
+            build_schedule(self.parts, self.mesh, self.env.device, p, loss_fn)
         self.params = self.parts.parameters()
         self.optimizer = build_optimizer(
             self.params, t.lr, t.weight_decay, (t.beta1, t.beta2), t.fused_optimizer
@@ -90,11 +105,11 @@ class Trainer:
         return cls(preflight(cfg, env.world_size, env.rank))
 
     def _initial_weights(self):
-        """weights(name, full_shape): the pretrained tensors, else gpt3d's per-name init."""
+        """weights(name, full_shape, region): the pretrained tensors, else gpt3d's init."""
         if self.run.pretrained is not None:
             return self.run.pretrained
         seed = self.cfg.job.seed
-        return lambda name, shape: init_value(self.model_cfg, name, shape, seed)
+        return lambda name, shape, region: init_value(self.model_cfg, name, shape, seed, region)
 
     @property
     def step(self) -> int:
@@ -138,9 +153,9 @@ class Trainer:
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One microbatch (or one pipeline schedule run); returns its share of the loss."""
-        with self._autocast(), loss_parallel_context(self.loss_parallel):
+        with self._autocast():
             if self.parts.schedule is None:
-                loss = self.loss_fn(self.parts.chunks[0](x), y)
+                loss = self._model_loss(x, y)
                 loss.backward()
                 return detached_local(loss)
             losses: list = []
@@ -148,6 +163,9 @@ class Trainer:
             target = y if self.parts.has_last else None
             self.parts.schedule.step(*args, target=target, losses=losses, return_outputs=False)
             return self._sum_losses(losses)
+
+    def _forward_with_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.parts.chunks[0](x), y)
 
     def _sum_losses(self, losses: list) -> torch.Tensor:
         if not losses:  # not the last stage
@@ -212,7 +230,7 @@ class Trainer:
         return self._global_sum(total) / len(self._eval_batches)
 
     def _eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self._autocast(), loss_parallel_context(self.loss_parallel):
+        with self._autocast():
             if self.parts.schedule is None:
                 return detached_local(self.loss_fn(self.parts.chunks[0](x), y))
             losses: list = []

@@ -47,6 +47,11 @@ def train(argv: list[str]) -> int:
     log = Logger(env.rank, cfg.job.log_all_ranks)
     warn_if_restarts_may_hang(log)
     trainer = Trainer(run)
+    if trainer.malloc_mmap_threshold:
+        log(
+            f"host memory: blocks over {trainer.malloc_mmap_threshold // 1024} KiB are returned "
+            "to the OS when freed (job.malloc_mmap_threshold_kb)"
+        )
     ckpt = Checkpointer(run, trainer.parts, trainer.optimizer, trainer.loader, trainer.state, log)
     if run.resume is not None:
         ckpt.load(run.resume)

@@ -53,7 +53,7 @@ FIELD_ERRORS = {
     "preset": (["--model.preset=gpt5"], "model.preset"),
     "pad_vocab_multiple": (["--model.pad_vocab_multiple=0"], "model.pad_vocab_multiple"),
     "n_layer negative": (["--model.n_layer=-1"], "model.n_layer"),
-    "cpu_peak_tflops": (["--metrics.cpu_peak_tflops=0"], "metrics.cpu_peak_tflops"),
+    "peak_tflops": (["--metrics.peak_tflops=-1"], "metrics.peak_tflops"),
 }
 
 _PLAN_OK = ["--model.n_layer=4", "--model.n_head=4", "--model.n_embd=64"]

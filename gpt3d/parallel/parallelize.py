@@ -6,7 +6,7 @@ steps that gpt3d/trainer.py calls one after the other:
                                      activation checkpointing -> compile per block
                                      -> FSDP2 / HSDP / DDP                   (no memory yet)
     2. materialize(parts, device, weights)   allocate this rank's shards, fill them from
-                                     weights(name, full_shape) (init or pretrained)
+                                     weights(name, full_shape, region) (init or pretrained)
     3. build_schedule(parts, ...)    pipeline stages + schedule (pp > 1)
 
 Every process group comes from a named mesh axis. With mesh=None (one process) the same
@@ -30,7 +30,8 @@ from gpt3d.parallel.dims import expert_mesh, n_microbatches
 from gpt3d.parallel.expert_parallel import apply_expert_parallel
 from gpt3d.parallel.tensor_parallel import apply_tensor_parallel, retie_embeddings
 
-Weights = Callable[[str, torch.Size], torch.Tensor]  # (name, full shape) -> full fp32 tensor
+# (name, full shape, region: one slice per dim) -> that region of the parameter, fp32 CPU
+Weights = Callable[[str, torch.Size, tuple], torch.Tensor]
 
 
 @dataclass
@@ -87,9 +88,9 @@ def parallelize(run, mesh) -> ModelParts:
         tp_mesh = mesh["tp"] if dims.tp > 1 else None
         experts = apply_expert_parallel(chunk, run.ep_rules, emesh, tp_mesh)
         apply_activation_checkpointing(chunk, training.activation_checkpointing, training.ac_every)
-        if training.compile:
+        if training.compile and training.compile_scope == "blocks":
             for block in chunk.h.values():
-                block.compile()
+                block.compile(mode=_compile_mode(training))
         if mesh is not None:
             apply_data_parallel(
                 chunk,
@@ -107,6 +108,10 @@ def parallelize(run, mesh) -> ModelParts:
     if mesh is not None:
         sync = grad_sync(chunks, mesh, reduction, run.config.job.seed, dims.describe())
     return ModelParts(chunks, stage_ids, len(layers), grad_sync=sync)
+
+
+def _compile_mode(training) -> str | None:
+    return None if training.compile_mode == "default" else training.compile_mode
 
 
 def _stage_layout(run, mesh) -> tuple[list[int], list[range]]:
@@ -135,59 +140,46 @@ def apply_activation_checkpointing(model: GPT, mode: str, every: int) -> None:
 # ---------------------------------------------------------------- step 2: memory and values
 
 
-def materialize(parts: ModelParts, device: torch.device, weights: Weights, vocab_mask_mesh=None):
-    """Step 2: allocate each chunk on the device and fill every parameter from its full
-    value. vocab_mask_mesh: the tp mesh when logits are vocab-sharded DTensors (loss parallel),
-    so the padded-vocabulary mask is sharded like them."""
+def materialize(parts: ModelParts, device: torch.device, weights: Weights) -> None:
+    """Step 2: allocate each chunk on the device, fill every parameter from its full value
+    and rebuild the non-persistent buffers."""
     for chunk in parts.chunks:
         chunk.to_empty(device=device)
         retie_embeddings(chunk)  # to_empty of a plain module allocates the tied names apart
-        _rebuild_vocab_mask(chunk, device, vocab_mask_mesh)
         load_weights(chunk, weights)
+        chunk.reset_buffers()
         reset_moe_state(chunk)  # MoE balancing bias (persistent): a fresh run starts at 0
-
-
-def _rebuild_vocab_mask(model: GPT, device: torch.device, tp_mesh) -> None:
-    if not hasattr(model, "vocab_pad_mask"):
-        return
-    cfg = model.config
-    mask = torch.arange(cfg.padded_vocab_size, device=device) >= cfg.vocab_size
-    if tp_mesh is not None:
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        mask = distribute_tensor(mask, tp_mesh, [Shard(0)], src_data_rank=None)
-    model.vocab_pad_mask = mask
 
 
 @torch.no_grad()
 def load_weights(model: nn.Module, weights: Weights) -> None:
-    """Fill every parameter from its full value: plain tensors copy, DTensors (TP, FSDP,
-    both) copy just their local slice. One full parameter at a time is ever in memory."""
+    """Fill every parameter from weights(name, full_shape, region): each rank asks for just
+    its own shard (region: one slice per dim of the full tensor), so no full tensor of a
+    sharded parameter is ever built on a rank."""
     from gpt3d.errors import CheckpointError
 
     for name, p in model.named_parameters():
-        full = weights(name, p.shape)
-        if tuple(full.shape) != tuple(p.shape):
+        region = local_region(p)
+        local = p.to_local() if hasattr(p, "to_local") else p
+        piece = weights(name, p.shape, region)
+        if tuple(piece.shape) != tuple(local.shape):
             raise CheckpointError(
-                f"{name}: expected shape {tuple(p.shape)}, got {tuple(full.shape)}"
+                f"{name}: expected a {tuple(local.shape)} piece of {tuple(p.shape)}, got "
+                f"{tuple(piece.shape)}"
             )
-        _copy_full_into(p, full)
+        local.copy_(piece.to(local.device, local.dtype))
 
 
-def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        param.copy_(full.to(param.device, param.dtype))
-        return
+def local_region(param: torch.Tensor) -> tuple[slice, ...]:
+    """The slices of the full tensor this rank holds (everything for a plain tensor)."""
+    if not hasattr(param, "device_mesh"):
+        return tuple(slice(0, n) for n in param.shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(
-        full.shape, param.device_mesh, param.placements
+        param.shape, param.device_mesh, param.placements
     )
-    piece = full[tuple(slice(o, o + n) for n, o in zip(shape, offset, strict=True))]
-    local = param.to_local()
-    local.copy_(piece.to(local.device, local.dtype))
+    return tuple(slice(o, o + n) for n, o in zip(shape, offset, strict=True))
 
 
 # ---------------------------------------------------------------- step 3: the schedule

@@ -54,8 +54,6 @@ def build_stage_module(cfg: GPTConfig, stage: int, n_stages: int, layers: range)
         model.wte = model.wpe = model.drop = None
     if stage != n_stages - 1:
         model.ln_f = model.lm_head = None
-        if hasattr(model, "vocab_pad_mask"):
-            del model.vocab_pad_mask
     return model
 
 

@@ -91,14 +91,13 @@ def inject_faults(faults: dict) -> None:
 
 def hf_logits(args: list[str], out: Path) -> None:
     from gpt3d.config import load_config
-    from gpt3d.loss import loss_parallel_context
 
     trainer = Trainer.from_config(load_config(args))  # checkpoint.init_from in args
     g = torch.Generator().manual_seed(0)
     x = torch.randint(trainer.model_cfg.vocab_size, (4, trainer.cfg.training.seq_len), generator=g)
     parts = trainer.parts
     parts.train(False)
-    with torch.no_grad(), loss_parallel_context(trainer.loss_parallel):
+    with torch.no_grad():
         if parts.schedule is None:
             logits = parts.chunks[0](x)
         else:

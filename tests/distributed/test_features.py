@@ -30,6 +30,8 @@ TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
 AC_FULL = "--training.activation_checkpointing=full"
 AC_SEL = ["--training.activation_checkpointing=selective", "--training.ac_every=2"]
 COMPILE, BF16 = "--training.compile=true", "--training.dtype=bfloat16"
+STAGE = "--training.compile_scope=stage"
+FSDP = "--parallel.dp_mode=fsdp"  # the default, auto, would pick ddp for this small model
 
 # Documented bf16 tolerances against the fp32 reference (loss ~6.2, falling ~0.07 in the 5
 # steps). Measured on CPU: loss within 8e-5, grad norm within 6e-4 relative (>10x margin).
@@ -41,21 +43,23 @@ EXACT = {
     "ac_full": (0, [AC_FULL]),
     "ac_selective": (0, AC_SEL),
     "tp2_sp_ac_full": (2, [f"{TP}=2", SP, AC_FULL]),
-    "fsdp2_ac_full": (2, [AC_FULL]),
+    "fsdp2_ac_full": (2, [FSDP, AC_FULL]),
     "pp2_1f1b_ac_selective": (2, [*pp(2, "1F1B", 4), *AC_SEL]),
     "pp2_tp2_ac_full": (4, [f"{TP}=2", *pp(2, "1F1B", 4), AC_FULL]),
-    "fsdp2_pp2_ac_selective": (4, [*pp(2, "Interleaved1F1B", 4, 2), *AC_SEL]),
+    "fsdp2_pp2_ac_selective": (4, [FSDP, *pp(2, "Interleaved1F1B", 4, 2), *AC_SEL]),
     # one compile launch (cold inductor compile costs ~15 s per process on CPU)
-    "compile_fsdp2": (-2, [COMPILE]),
+    "compile_fsdp2": (-2, [FSDP, COMPILE]),
     "compile_pp2_ac_full": (-2, [COMPILE, *pp(2, "1F1B", 4), AC_FULL]),
+    "compile_stage_fsdp2": (-2, [FSDP, COMPILE, STAGE]),  # model + loss in one graph
+    "compile_stage_pp2": (-2, [COMPILE, STAGE, *pp(2, "1F1B", 4)]),
 }
 BF16_CASES = {
     "bf16": (0, [BF16]),
     "bf16_tp2_sp": (2, [BF16, f"{TP}=2", SP]),
-    "bf16_fsdp2": (2, [BF16]),
+    "bf16_fsdp2": (2, [FSDP, BF16]),
     "bf16_pp2_gpipe": (2, [BF16, *pp(2, "GPipe", 4)]),
-    "bf16_dp2_tp2_ac": (4, [BF16, f"{TP}=2", AC_FULL]),
-    "bf16_fsdp2_pp2": (4, [BF16, *pp(2, "1F1B", 4)]),
+    "bf16_dp2_tp2_ac": (4, [FSDP, BF16, f"{TP}=2", AC_FULL]),
+    "bf16_fsdp2_pp2": (4, [FSDP, BF16, *pp(2, "1F1B", 4)]),
 }
 
 

@@ -28,6 +28,7 @@ REFERENCES = {
     "padded": ["--model.vocab_size=500", "--model.pad_vocab_multiple=64"],
 }
 TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
+FSDP = "--parallel.dp_mode=fsdp"  # the default, auto, would pick ddp for this small model
 
 
 # name -> (world size, reference, layout overrides); layouts written as (dp, pp, tp)
@@ -36,9 +37,9 @@ CASES = {
     "tp2_sp": (2, "tied", [f"{TP}=2", SP]),
     "tp2_gathered_logits": (2, "tied", [f"{TP}=2", "--parallel.loss_parallel=false"]),
     "tp2_padded_vocab": (2, "padded", [f"{TP}=2", SP]),
-    "fsdp2": (2, "tied", []),
+    "fsdp2": (2, "tied", [FSDP]),
     "ddp2": (2, "tied", ["--parallel.dp_mode=ddp"]),
-    "fsdp2_grad_accum": (2, "tied", ["--training.grad_accum=2"]),
+    "fsdp2_grad_accum": (2, "tied", [FSDP, "--training.grad_accum=2"]),
     "pp2_1f1b_grad_accum": (2, "tied", [*pp(2, "1F1B", 4), "--training.grad_accum=2"]),
     "pp2_gpipe": (2, "tied", pp(2, "GPipe", 4)),
     "pp2_1f1b": (2, "tied", pp(2, "1F1B", 4)),
@@ -50,12 +51,13 @@ CASES = {
     "tp4": (4, "tied", [f"{TP}=4"]),
     "hsdp_2x2": (4, "tied", ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     "pp4_1f1b": (4, "tied", pp(4, "1F1B", 8)),
-    "dp2_pp2": (4, "tied", pp(2, "1F1B", 4)),
-    "dp2_tp2_sp": (4, "tied", [f"{TP}=2", SP]),
+    "dp2_pp2": (4, "tied", [FSDP, *pp(2, "1F1B", 4)]),
+    "dp2_pp2_auto": (4, "tied", pp(2, "1F1B", 4)),  # auto: ddp here
+    "dp2_tp2_sp": (4, "tied", [FSDP, f"{TP}=2", SP]),
     "pp2_tp2_tied": (4, "tied", [f"{TP}=2", *pp(2, "1F1B", 4)]),
     "pp2_tp2_untied": (4, "untied", [f"{TP}=2", *pp(2, "1F1B", 4)]),
-    "dp2_pp2_tp2_fsdp_sp": (8, "tied", [f"{TP}=2", SP, *pp(2, "1F1B", 4)]),
-    "dp2_pp2_tp2_fsdp_untied": (8, "untied", [f"{TP}=2", SP, *pp(2, "GPipe", 4)]),
+    "dp2_pp2_tp2_fsdp_sp": (8, "tied", [FSDP, f"{TP}=2", SP, *pp(2, "1F1B", 4)]),
+    "dp2_pp2_tp2_fsdp_untied": (8, "untied", [FSDP, f"{TP}=2", SP, *pp(2, "GPipe", 4)]),
     "dp2_pp2_tp2_ddp": (8, "tied", [f"{TP}=2", "--parallel.dp_mode=ddp", *pp(2, "1F1B", 4)]),
 }
 

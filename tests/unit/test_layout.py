@@ -112,3 +112,21 @@ def test_plan_names_and_paths(tmp_path):
     assert plan_path(str(mine), sequence_parallel=False) == mine
     with pytest.raises(PlanError, match="not a shipped plan"):
         plan_path("gpt_tpp", sequence_parallel=False)
+
+
+@pytest.mark.parametrize(
+    "world, overrides, mode, why",
+    [
+        (2, [], "ddp", "auto: the unsharded model state"),  # tiny model: replicate
+        (8, ["--model.n_layer=48", "--model.n_head=25", "--model.n_embd=1600"], "fsdp", "over"),
+        (2, ["--parallel.dp_shard=2"], "fsdp", "ask for sharding"),
+        (2, ["--parallel.dp_mode=fsdp"], "fsdp", "(parallel.dp_mode)"),
+        (2, ["--parallel.dp_mode=ddp"], "ddp", "(parallel.dp_mode)"),
+    ],
+)
+def test_dp_mode_auto_replicates_only_what_fits_comfortably(world, overrides, mode, why):
+    from gpt3d.preflight import choose_dp_mode
+
+    cfg = load_config([*MODEL, *overrides])
+    reason = choose_dp_mode(cfg, gpt_config(cfg.model), world)
+    assert cfg.parallel.dp_mode == mode and why in reason, reason

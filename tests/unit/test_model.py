@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt3d.model import GPT, PRESETS, count_params_formula, init_value, preset_config
 from gpt3d.parallel.pipeline import build_stage_module
@@ -42,13 +43,21 @@ def test_formula_is_independent_arithmetic():
     )
 
 
-def test_forward_shape_and_padded_vocab_never_predicted():
+def test_padded_vocab_rows_never_receive_mass_or_gradient():
+    from gpt3d.loss import GlobalMeanLoss
+
     cfg = preset_config("tiny", vocab_size=300, pad_vocab_multiple=64, block_size=32)
     model = make(cfg)
-    logits = model(torch.randint(0, 300, (2, 16)))
-    assert logits.shape == (2, 16, 320)
-    assert torch.isneginf(logits[..., 300:]).all() and torch.isfinite(logits[..., :300]).all()
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
     assert model.wte.weight[300:].abs().sum() == 0  # padded rows start at zero
+    with torch.no_grad():
+        real = model(x)[..., :300]  # (B, T, V): the distribution is over real tokens only
+    logits = model(x)
+    assert logits.shape == (2, 16, 320)
+    loss = GlobalMeanLoss(32, 300)(logits, y)
+    torch.testing.assert_close(loss, F.cross_entropy(real.flatten(0, 1), y.flatten()))
+    loss.backward()
+    assert model.wte.weight.grad[300:].abs().sum() == 0 and model.wte.weight.grad[:300].any()
 
 
 def test_causal_future_tokens_never_change_past_logits():
@@ -128,3 +137,31 @@ def test_no_bias_and_dropout_options():
 def test_model_py_has_no_distributed_import():
     text = Path(__file__).resolve().parents[2].joinpath("gpt3d/model.py").read_text()
     assert not re.search(r"^\s*(import|from)\s+torch\.distributed", text, re.M)
+
+
+@pytest.mark.parametrize("block", [1 << 20, 50])  # one block / regions crossing many blocks
+@pytest.mark.parametrize(
+    "name, shape, region",
+    [
+        ("wte.weight", (300, 24), (slice(0, 75), slice(0, 24))),  # vocab-parallel rows
+        ("wte.weight", (300, 24), (slice(270, 320), slice(0, 24))),  # rows incl. padding
+        ("h.0.mlp.c_fc.weight", (96, 24), (slice(48, 96), slice(0, 24))),  # colwise shard
+        ("h.0.mlp.c_proj.weight", (24, 96), (slice(0, 24), slice(32, 64))),  # rowwise shard
+        ("h.1.attn.q_proj.weight", (24, 24), (slice(5, 6), slice(3, 9))),  # FSDP x TP piece
+        ("h.1.ln_1.weight", (24,), (slice(8, 16),)),
+    ],
+)
+def test_init_of_a_shard_equals_the_shard_of_the_full_init(
+    name, shape, region, block, monkeypatch
+):
+    """Layout independence of the initial weights: a rank drawing only its region gets the
+    whole tensor's values there, wherever the region cuts the blocks."""
+    import gpt3d.model as model_lib
+
+    monkeypatch.setattr(model_lib, "INIT_BLOCK_ELEMENTS", block)
+    cfg = preset_config("tiny", vocab_size=250, n_embd=24, pad_vocab_multiple=1)
+    full = init_value(cfg, name, shape, seed=7)
+    assert torch.equal(init_value(cfg, name, shape, 7, region), full[region])
+    assert full.std() > 0 or ".ln_" in name  # drawn, not a constant
+    if name == "wte.weight":
+        assert not full[250:].any() and full[:250].all()  # padded rows start at zero
