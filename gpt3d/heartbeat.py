@@ -3,8 +3,8 @@ rather than dead keeps its sockets open. Its peers then wait: gloo times most co
 after parallel.timeout_s without naming anyone ("Timed out waiting 10000ms for recv
 operation to complete"), and in torch 2.13 two waits gpt3d relies on never time out on gloo
 at all: batched point-to-point ops (every pipeline schedule's sends and receives) and
-functional collectives (DTensor redistribution in tensor parallelism). Measured:
-docs/torch_notes.md.
+functional collectives (DTensor redistribution in tensor parallelism); measured in
+docs/operations.md ("A rank that stops answering").
 
 So every rank of a multi-process run keeps a heartbeat: a daemon thread bumps a counter in
 <output_dir>/heartbeat/rank-<r> once a second and watches the counters of the next WATCH

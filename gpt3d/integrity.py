@@ -33,7 +33,7 @@ from gpt3d.errors import CheckpointError
 
 SIDECAR = "checksums.json"  # per writing rank, "__<r>_checksums.json"; merged into meta.json
 FINGERPRINT_REGIONS, REGION_BYTES = 32, 4096  # sampled from every token file
-TENSOR_OVERHEAD = 2048  # bytes per tensor beyond its data: torch.save framing ~1.6 KB + index
+ENTRY_OVERHEAD = 2048  # bytes per entry beyond its data: torch.save framing ~1.6 KB + index
 
 
 # ---------------------------------------------------------------- checksums while writing
@@ -202,14 +202,15 @@ class DiskFullError(CheckpointError):
 
 
 def state_bytes(state) -> tuple[int, int]:
-    """(bytes of this rank's tensors in a nested state dict, number of tensors)."""
+    """(bytes of this rank's tensor data in a nested state dict, number of entries): every
+    leaf is one DCP entry, a tensor or a torch.save'd value (the optimizer's lr, betas...)."""
     if isinstance(state, dict):
         sums = [state_bytes(v) for v in state.values()]
         return sum(s[0] for s in sums), sum(s[1] for s in sums)
     if isinstance(state, torch.Tensor):
         local = state.to_local() if hasattr(state, "to_local") else state
         return local.numel() * local.element_size(), 1
-    return 0, 0
+    return 0, 1
 
 
 def free_bytes(folder: Path) -> int:
@@ -221,7 +222,7 @@ def free_bytes(folder: Path) -> int:
 
 
 def check_room(root: Path, state: dict, step: int, latest: str) -> int:
-    """Collective: the bytes checkpoint `step` needs (every rank's tensors plus framing)
+    """Collective: the bytes checkpoint `step` needs (every rank's tensors plus framing per entry)
     against rank 0's free space; DiskFullError on every rank, before anything is written,
     when it does not fit. Returns the bytes needed."""
     size, count = state_bytes(state)
@@ -230,11 +231,11 @@ def check_room(root: Path, state: dict, step: int, latest: str) -> int:
     if dist.is_initialized():
         gpu = dist.get_backend() == "nccl"
         device = f"cuda:{torch.cuda.current_device()}" if gpu else "cpu"
-        totals = torch.tensor([size + count * TENSOR_OVERHEAD, free], device=device)
+        totals = torch.tensor([size + count * ENTRY_OVERHEAD, free], device=device)
         dist.all_reduce(totals)  # every rank: the whole checkpoint's size, rank 0's free space
         need, free = (int(v) for v in totals.tolist())
     else:
-        need = size + count * TENSOR_OVERHEAD
+        need = size + count * ENTRY_OVERHEAD
     if need > free:
         error = DiskFullError(
             f"no room for checkpoint step-{step}: it needs {_mb(need)}, {root} has "

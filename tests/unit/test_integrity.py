@@ -237,6 +237,15 @@ def no_space_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(FileSystemWriter, "write_data", write_then_enospc)
 
 
+def test_space_estimate_is_a_safe_upper_bound(data, tmp_path):
+    """What a save checks against the free space: never less than it then writes (else the
+    disk could fill mid-write), and not much more (else it refuses saves that fit)."""
+    _, ckpt, _ = train(data, tmp_path, 2)
+    written = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / "step-2").iterdir())
+    print(f"estimated {ckpt.need} bytes, wrote {written}")
+    assert written <= ckpt.need <= 1.3 * written
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_disk_full_keeps_the_previous_checkpoint_and_says_what_it_needs(
     data, tmp_path, monkeypatch, mode
@@ -307,6 +316,7 @@ ls {out}/checkpoints
         timeout=240,
     )
     out_text = proc.stdout + proc.stderr
+    print("\n".join(x for x in out_text.splitlines() if "error:" in x))
     assert "first exit 2" in out_text and "restarted exit 1" in out_text, out_text[-3000:]
     assert "error: no room for checkpoint step-4: it needs" in out_text
     assert "nothing was written and step-2 stays the latest checkpoint" in out_text
