@@ -5,10 +5,14 @@ and writes <out>/<case>/rank<r>.json per rank.
     torchrun --nproc_per_node=N worker.py cases.json out/
 
 cases.json: {name: {"args": [--section.key=value ...], "warmup": 2, "steps": 5,
-                    "memory": false, "stage_compute": false, "threads": 1}}
+                    "memory": false, "stage_compute": false, "threads": 1,
+                    "barrier": true, "profile": 0}}
 Per rank: step times (whole train_step and the forward/backward or pipeline-schedule part),
 and optionally bytes held (parameters, gradients, optimizer state, saved activations) and the
 pipeline stages' compute time per microbatch without communication, after each step.
+barrier: start each timed step together (false: free-running steps, as a plain training loop
+times them). profile: after the timed steps, that many more steps under torch.profiler, each a
+`bench_step#<i>` range, written as <out>/trace_rank<r>.json (bench_breakdown reads them).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_profile import mesh_groups, profiled_steps  # noqa: E402
 
 from gpt3d import host_memory  # noqa: E402
 from gpt3d.config import load_config  # noqa: E402
@@ -173,7 +179,7 @@ def run_case(spec: dict, out: Path) -> None:
     steps, losses, work = [], [], []
     pipelined = spec.get("stage_compute") and trainer.dims.pp > 1
     for _ in range(spec.get("steps", 5)):
-        if dist.is_initialized():
+        if dist.is_initialized() and spec.get("barrier", True):
             dist.barrier()  # start each timed step together
         t0 = time.perf_counter()
         losses.append(trainer.train_step().loss)
@@ -195,6 +201,9 @@ def run_case(spec: dict, out: Path) -> None:
     if pipelined:
         record["stage_compute_s"] = work
         record["microbatches"] = trainer.cfg.parallel.pp_microbatches
+    if spec.get("profile"):
+        record["profiled_step_s"] = profiled_steps(trainer, spec["profile"], out)
+        record["groups"] = mesh_groups(trainer)
     if spec.get("memory"):
         record.update(memory_record(trainer))
         record.update(rss, rss_training_peak_gib=host_memory.peak_rss_gib())
