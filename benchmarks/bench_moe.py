@@ -2,9 +2,9 @@
 the same active parameters, for ep 1/2/4; and the expert load balance of a Shakespeare run
 with and without the balancing-bias updates.
 
-    python benchmarks/bench_moe.py                        # both parts (~15 min on the 2-core box)
-    python benchmarks/bench_moe.py --part throughput      # ~5 min
-    python benchmarks/bench_moe.py --part balance --steps 120
+    python benchmarks/bench_moe.py                        # both parts (~20 min on the 2-core box)
+    python benchmarks/bench_moe.py --part throughput      # ~3 min
+    python benchmarks/bench_moe.py --part balance --balance-steps 120
 
 Throughput: a 4-layer, 256-wide GPT (vocab 512, synthetic tokens) dense and as MoE (8 experts
 top-2 in every block, each expert 4C/2 wide: a token's MLP FLOPs and active parameters are
@@ -322,7 +322,9 @@ def balance_report(a, records: dict[str, list[dict]], info: dict) -> None:
         "two experts); worst layer and mean over the 4 layers",
         "bias spread: max over layers of max(bias) - min(bias); the bias only changes which "
         "experts are chosen, never the combine weights",
-        f"plot: {a.out}/bench_moe_balance.png",
+        "tokens/s: mean of the last 40 steps; the runs ran one after the other while other "
+        "jobs loaded the machine by different amounts, so it is no comparison between them",
+        "plot: bench_moe_balance.png (load per step on the left, train loss on the right)",
     ]
     write_results(
         "bench_moe_balance",
@@ -369,7 +371,7 @@ def plot_balance(records: dict[str, list[dict]], path: Path) -> None:
     a2.set_xlabel("step")
     a2.set_ylabel("train loss")
     a2.legend(fontsize=8)
-    fig.suptitle("moe-mini on Shakespeare, ep=2: load balance with and without bias updates")
+    fig.suptitle("moe-mini on Shakespeare, ep=2: expert load with and without bias updates")
     save_figure(fig, path)
 
 
