@@ -25,3 +25,11 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or the parameters became NaN/Inf (exit code 3)."""
+
+
+def missing_extra(setting: str, package: str, extra: str) -> ConfigError:
+    """The error for an optional feature whose package is not installed."""
+    return ConfigError(
+        f"{setting} = true needs the {package} package: pip install 'gpt3d[{extra}]' "
+        f"(or set {setting} = false)"
+    )

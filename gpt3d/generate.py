@@ -11,16 +11,17 @@ import torch
 from gpt3d.model import GPT
 
 
-def load_plain_model(path: str | os.PathLike) -> GPT:
-    """A plain GPT in eval mode from a DCP checkpoint directory (step-N, any layout), a
-    Hugging Face GPT-2 directory / .safetensors file or a MoE export (recipes/export.py)."""
+def load_plain_model(path: str | os.PathLike, checksums: bool = True) -> GPT:
+    """A plain GPT in eval mode from a DCP checkpoint directory (step-N, any layout; its
+    checksums checked unless checksums=False), a Hugging Face GPT-2 directory / .safetensors
+    file or a MoE export (recipes/export.py)."""
     from gpt3d.checkpoint_dir import CHECKPOINT_META, TMP_SUFFIX, load_model_state_dict
     from gpt3d.hf import load_hf
     from gpt3d.moe_hf import is_moe_export, load_moe_hf
 
     path = Path(path)
     if (path / CHECKPOINT_META).is_file() or path.name.endswith(TMP_SUFFIX):  # DCP (.tmp: an error)
-        cfg, sd = load_model_state_dict(path)
+        cfg, sd = load_model_state_dict(path, checksums)
     elif is_moe_export(path):  # recipes/export.py of a Mixture-of-Experts model
         cfg, sd = load_moe_hf(path)
     else:

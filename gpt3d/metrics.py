@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from gpt3d.errors import missing_extra
 from gpt3d.host_memory import peak_rss_gib
 from gpt3d.model import GPTConfig, count_params_formula
 
@@ -174,10 +175,7 @@ def _tensorboard_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # tensorboard is optional
-        raise ValueError(
-            "metrics.tensorboard = true needs the tensorboard package: "
-            "pip install 'gpt3d[tensorboard]' (or set metrics.tensorboard = false)"
-        ) from e
+        raise missing_extra("metrics.tensorboard", "tensorboard", "tensorboard") from e
     return SummaryWriter(log_dir=str(log_dir))
 
 
@@ -200,12 +198,7 @@ def _wandb_run(settings: dict):
     try:
         import wandb
     except ImportError as e:  # wandb is optional
-        from gpt3d.errors import ConfigError
-
-        raise ConfigError(
-            "metrics.wandb = true needs the wandb package: pip install 'gpt3d[wandb]' "
-            "(or set metrics.wandb = false)"
-        ) from e
+        raise missing_extra("metrics.wandb", "wandb", "wandb") from e
     Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
     return wandb.init(**settings)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from gpt3d.checkpoint_dir import checkpoint_root, find_resume, verify
 from gpt3d.config import Config, gpt_config
 from gpt3d.data import validate_dataset
-from gpt3d.errors import CheckpointError, ConfigError, DataError
+from gpt3d.errors import CheckpointError, ConfigError, DataError, missing_extra
 from gpt3d.model import GPTConfig, count_params_formula, describe
 from gpt3d.parallel.dims import (
     SINGLE_STAGE_SCHEDULES,
@@ -163,11 +163,12 @@ def check_outputs(cfg: Config, world_size: int) -> None:
         f"profiling.ranks={cfg.profiling.ranks}: rank(s) {bad} outside the world of "
         f"{world_size}; use ranks in [0, {world_size}) or [] for every rank",
     )
-    _require(
-        not cfg.metrics.wandb or _installed("wandb"),
-        "metrics.wandb = true needs the wandb package: pip install 'gpt3d[wandb]' "
-        "(or set metrics.wandb = false)",
-    )
+    for setting, package, on in (
+        ("metrics.wandb", "wandb", cfg.metrics.wandb),
+        ("metrics.tensorboard", "tensorboard", cfg.metrics.tensorboard),
+    ):
+        if on and not _installed(package):
+            raise missing_extra(setting, package, package)
 
 
 def _installed(package: str) -> bool:

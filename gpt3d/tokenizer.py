@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gpt3d.errors import DataError
+
 RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # Same regex tiktoken uses for gpt2 / r50k_base (tiktoken_ext.openai_public.r50k_pat_str).
@@ -31,14 +33,14 @@ def load_ranks(path: str | Path = RANKS_PATH) -> dict[bytes, int]:
     """Read a .tiktoken rank file ("<base64 token> <rank>" per line) after checking its hash."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
+        raise DataError(
             f"GPT-2 rank file {path} is missing; reinstall gpt3d or restore "
             "gpt3d/assets/gpt2.tiktoken from git."
         )
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
-        raise ValueError(
+        raise DataError(
             f"GPT-2 rank file {path} has sha256 {digest}, expected {RANKS_SHA256}; the file is "
             "corrupted or not r50k_base. Restore gpt3d/assets/gpt2.tiktoken from git."
         )

@@ -33,6 +33,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", required=True, type=Path, help="directory to write")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype on disk")
+    p.add_argument(
+        "--skip-checksums",
+        action="store_true",
+        help="do not check the checkpoint files' crc32 first (huge checkpoints; not safer)",
+    )
     return p.parse_args(argv)
 
 
@@ -47,7 +52,7 @@ def export(argv: list[str]) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     path = find_checkpoint(args.checkpoint, args.output_dir)
-    cfg, sd = load_model_state_dict(path)
+    cfg, sd = load_model_state_dict(path, checksums=not args.skip_checksums)
     dtype = getattr(torch, args.dtype)
     if cfg.n_experts:  # no GPT-2 layout: Mixtral-style names (gpt3d/moe_hf.py)
         save_moe_hf(args.out, sd, cfg, dtype)

@@ -32,6 +32,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", "--top-k", type=int, default=200, help="0 = no top-k filter")
     p.add_argument("--num_samples", "--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument(
+        "--skip-checksums",
+        action="store_true",
+        help="do not check the checkpoint files' crc32 first (huge checkpoints; not safer)",
+    )
     return p.parse_args(argv)
 
 
@@ -39,19 +44,20 @@ def sample(argv: list[str]) -> int:
     import torch
 
     from gpt3d.checkpoint_dir import find_checkpoint
+    from gpt3d.errors import ConfigError
     from gpt3d.generate import generate, load_plain_model
     from gpt3d.tokenizer import EOT, get_tokenizer
 
     args = parse_args(argv)
     if args.temperature < 0 or args.max_new_tokens < 0:
-        raise ValueError("--temperature and --max_new_tokens must be >= 0")
+        raise ConfigError("--temperature and --max_new_tokens must be >= 0")
     path = find_checkpoint(args.checkpoint, args.output_dir)
-    model = load_plain_model(path)
+    model = load_plain_model(path, checksums=not args.skip_checksums)
     enc = get_tokenizer()
     ids = enc.encode(args.prompt or EOT, allowed_special={EOT})
     if max(ids) >= model.config.vocab_size:
         vocab = model.config.vocab_size
-        raise ValueError(f"the prompt has token ids >= vocab_size {vocab}: not a GPT-2 BPE model")
+        raise ConfigError(f"the prompt has token ids >= vocab_size {vocab}: not a GPT-2 BPE model")
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.tensor([ids] * args.num_samples)  # (num_samples, T)
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, gen)
