@@ -60,25 +60,32 @@ _TOP |= {"ln_f.bias": "model.norm.bias", "lm_head.weight": "lm_head.weight"}
 _NAME = re.compile(r"h\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+# GPTConfig field -> config.json key (both directions)
+_CONFIG_KEYS = {
+    "n_embd": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "block_size": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+    "n_experts": "num_local_experts",
+    "moe_top_k": "num_experts_per_tok",
+    "moe_hidden": "moe_intermediate_size",
+    "moe_every": "moe_layer_freq",  # block i is MoE iff i % freq == freq - 1
+    "ln_eps": "layer_norm_eps",
+    "bias": "attention_bias",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
 def moe_config_dict(cfg: GPTConfig) -> dict:
     """config.json describing a MoE `cfg` (real vocab, no padding)."""
+    values = {ours: getattr(cfg, ours) for ours in _CONFIG_KEYS} | {"moe_hidden": cfg.expert_hidden}
     return {
         "model_type": MODEL_TYPE,
         "architectures": ["GPT3dMoEForCausalLM"],
-        "hidden_size": cfg.n_embd,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "max_position_embeddings": cfg.block_size,
-        "vocab_size": cfg.vocab_size,
-        "num_local_experts": cfg.n_experts,
-        "num_experts_per_tok": cfg.moe_top_k,
-        "moe_intermediate_size": cfg.expert_hidden,
-        "moe_layer_freq": cfg.moe_every,  # block i is MoE iff i % freq == freq - 1
         "scoring_func": "softmax",  # top-k of softmax + e_score_correction_bias, unnormalised
         "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": cfg.ln_eps,
-        "attention_bias": cfg.bias,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        **{theirs: values[ours] for ours, theirs in _CONFIG_KEYS.items()},
     }
 
 
@@ -86,23 +93,10 @@ def gpt_config_from_moe(hf: dict, pad_vocab_multiple: int = 1) -> GPTConfig:
     if hf.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"not a gpt3d MoE config: model_type={hf.get('model_type')!r}")
     try:
-        return GPTConfig(
-            n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"],
-            n_embd=hf["hidden_size"],
-            block_size=hf["max_position_embeddings"],
-            vocab_size=hf["vocab_size"],
-            pad_vocab_multiple=pad_vocab_multiple,
-            bias=hf["attention_bias"],
-            tie_embeddings=hf["tie_word_embeddings"],
-            ln_eps=hf["layer_norm_eps"],
-            n_experts=hf["num_local_experts"],
-            moe_top_k=hf["num_experts_per_tok"],
-            moe_every=hf["moe_layer_freq"],
-            moe_hidden=hf["moe_intermediate_size"],
-        )
+        fields = {ours: hf[theirs] for ours, theirs in _CONFIG_KEYS.items()}
     except KeyError as e:
         raise CheckpointError(f"gpt3d MoE config.json lacks {e}") from None
+    return GPTConfig(**fields, pad_vocab_multiple=pad_vocab_multiple)
 
 
 def _exported(name: str) -> str:
