@@ -48,7 +48,7 @@ def powersgd(rank: int, start: int = 0) -> list[str]:
 # (PowerSGD never starting): the mechanism's cost without compression, an honest peer.
 COMMON = {"float32": [], "bfloat16": [BF16], "float16": [FP16]}
 SPEED_LAYOUTS = {
-    "dp2 FSDP": (2, [], COMMON),
+    "dp2 FSDP": (2, ["--parallel.dp_mode=fsdp"], COMMON),
     "dp2 DDP": (
         2,
         [DDP],
@@ -172,13 +172,19 @@ def speed_case(spec: dict, out: Path) -> None:
     for name, trainer in trainers.items():
         for _ in range(spec["warmup"]):
             trainer.train_step()
-        counter.reset()
+        steps = []
         with counter.counting():
             for _ in range(spec["count_steps"]):
+                counter.reset()
                 trainer.train_step()
+                steps.append(counter.counts)
+        # bytes: the same every step (max); seconds: the least disturbed step (min)
         per_step = {
-            axis: {k: v / spec["count_steps"] for k, v in c.items()}
-            for axis, c in counter.counts.items()
+            axis: {
+                k: (min if k.endswith("seconds") else max)(s.get(axis, {}).get(k, 0) for s in steps)
+                for k in steps[0][axis]
+            }
+            for axis in steps[0]
         }
         record["options"][name] = {"bytes": per_step, "step_s": [], "losses": []}
     for _ in range(spec["steps"]):
@@ -370,12 +376,59 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--conv-steps", type=int, default=300)
-    p.add_argument("--skip-convergence", action="store_true")
+    p.add_argument(
+        "--only",
+        choices=("speed", "convergence", "report"),
+        help="run one part (or none: report); the rest comes from the last results",
+    )
     a = p.parse_args()
     info = machine()
     work = Path(tempfile.mkdtemp(prefix="gpt3d_bench_compression_"))
-    data = synthetic_data(work, 512)
-    speed_model = [
+    previous = _previous("bench_compression.json", {})
+    if a.only in ("convergence", "report"):
+        speed = [r for r in previous.get("rows", []) if "layout" in r]
+        speed_info = previous.get("config", {}).get("speed_measured") or previous.get("machine")
+    else:
+        speed, speed_info = run_speed(a, work), info
+    print(table(speed, columns(SPEED_COLUMNS)))
+    if a.only in ("speed", "report"):
+        record = _previous("bench_compression_curves.json")
+    else:
+        record = {"machine": info, "model": CONVERGENCE_MODEL, "curves": run_convergence(a, work)}
+        (RESULTS / "bench_compression_curves.json").write_text(json.dumps(record) + "\n")
+    curves = record["curves"]
+    conv = convergence_rows(curves)
+    print(table(conv, columns(CONVERGENCE_COLUMNS)))
+    config = {
+        "speed_model": speed_model(a, "<synthetic tokens, vocab 512>"),
+        "speed_layouts": {
+            k: {"world": w, "layout": lay, "options": o} for k, (w, lay, o) in SPEED_LAYOUTS.items()
+        },
+        "timed_steps": a.steps,
+        "convergence_model": CONVERGENCE_MODEL,
+        "convergence_options": CONVERGENCE,
+        "speed_measured": speed_info,
+        "convergence_measured": record["machine"],
+    }
+    md = "## Bytes and step time\n\n" + (
+        table(speed, columns(SPEED_COLUMNS)) if speed else "(not run)"
+    )
+    md += "\n\n## Convergence (dp2 DDP, Shakespeare)\n\n"
+    md += table(conv, columns(CONVERGENCE_COLUMNS))
+    when = [
+        f"{part} measured {m['date']} (load average {m['load_avg_1m_at_start']} at start, "
+        f"commit {m['git_commit']})"
+        for part, m in (("bytes and step time", speed_info), ("convergence", record["machine"]))
+        if m
+    ]
+    notes = [*NOTES, "; ".join(when) + "; curves in bench_compression_curves.json."]
+    title = "Gradient compression on the data-parallel axes"
+    write_results("bench_compression", title, info, config, speed + conv, md, notes)
+    plot(speed, curves, RESULTS / "bench_compression.png")
+
+
+def speed_model(a, data) -> list[str]:
+    return [
         f"--data.dataset={data}",
         "--model.preset=tiny",
         f"--model.n_layer={a.n_layer}",
@@ -390,83 +443,67 @@ def main() -> None:
         "--training.lr=1e-4",
         "--training.eval_interval=0",
     ]
-    speed = []
+
+
+CONVERGENCE_MODEL = [
+    "--config",
+    "recipes/configs/shakespeare.toml",
+    f"--data.dataset={RECIPE_DATA}",
+    "--model.preset=tiny",
+    "--model.n_layer=2",
+    "--model.n_head=2",
+    "--model.n_embd=64",
+    "--model.pad_vocab_multiple=64",
+    "--training.seq_len=64",
+    "--training.global_batch_size=16",
+    "--training.warmup_steps=20",
+    "--training.lr=1e-3",
+    "--training.min_lr=1e-4",
+    "--training.eval_steps=8",
+    "--training.eval_interval=0",
+    DDP,
+]
+
+
+def run_speed(a, work: Path) -> list[dict]:
+    base = speed_model(a, synthetic_data(work, 512))
+    rows = []
     for name, (world, layout, options) in SPEED_LAYOUTS.items():
         key = name.replace(" ", "_")
-        spec = {"kind": "speed", "args": [*speed_model, *layout], "options": options}
-        spec.update(warmup=2, count_steps=3, steps=a.steps)
-        ranks = launch_self(world, {key: spec}, work)[key]
-        speed += speed_rows(name, world, options, ranks)
-    print(table(speed, columns(SPEED_COLUMNS)))
-    curves, conv = {}, []
-    conv_model = [
-        "--config",
-        "recipes/configs/shakespeare.toml",
-        f"--data.dataset={RECIPE_DATA}",
-        "--model.preset=tiny",
-        "--model.n_layer=2",
-        "--model.n_head=2",
-        "--model.n_embd=64",
-        "--model.pad_vocab_multiple=64",
-        "--training.seq_len=64",
-        "--training.global_batch_size=16",
-        f"--training.steps={a.conv_steps}",
-        "--training.warmup_steps=20",
-        "--training.lr=1e-3",
-        "--training.min_lr=1e-4",
-        "--training.eval_steps=8",
-        "--training.eval_interval=0",
-        DDP,
-    ]
-    if not a.skip_convergence:
-        if not (RECIPE_DATA / "train.bin").exists():
-            raise SystemExit(f"{RECIPE_DATA} is not prepared: python recipes/prepare.py")
-        cases = {
-            name.replace(" ", "_"): {
-                "kind": "converge",
-                "args": [*conv_model, *extra],
-                "eval_every": 50,
-            }
-            for name, extra in CONVERGENCE.items()
-        }
-        out = launch_self(2, cases, work)
-        curves = {name: out[name.replace(" ", "_")] for name in CONVERGENCE}
-        conv = convergence_rows(curves)
-        print(table(conv, columns(CONVERGENCE_COLUMNS)))
-    config = {
-        "speed_model": speed_model[1:],
-        "speed_layouts": {
-            k: {"world": w, "layout": l, "options": o} for k, (w, l, o) in SPEED_LAYOUTS.items()
-        },
-        "timed_steps": a.steps,
-        "convergence_model": conv_model,
-        "convergence_options": CONVERGENCE,
+        spec = {"kind": "speed", "args": [*base, *layout], "options": options}
+        spec.update(warmup=2, count_steps=5, steps=a.steps)
+        rows += speed_rows(name, world, options, launch_self(world, {key: spec}, work)[key])
+    return rows
+
+
+def run_convergence(a, work: Path) -> dict:
+    if not (RECIPE_DATA / "train.bin").exists():
+        raise SystemExit(f"{RECIPE_DATA} is not prepared: python recipes/prepare.py")
+    args = [*CONVERGENCE_MODEL, f"--training.steps={a.conv_steps}"]
+    cases = {
+        name.replace(" ", "_"): {"kind": "converge", "args": [*args, *extra], "eval_every": 50}
+        for name, extra in CONVERGENCE.items()
     }
-    md = "## Bytes and step time\n\n" + table(speed, columns(SPEED_COLUMNS))
-    if conv:
-        md += "\n\n## Convergence (dp2 DDP, Shakespeare)\n\n" + table(
-            conv, columns(CONVERGENCE_COLUMNS)
-        )
-    notes = NOTES
-    write_results(
-        "bench_compression",
-        "Gradient compression on the data-parallel axes",
-        info,
-        config,
-        speed + conv,
-        md,
-        notes,
-    )
-    if curves:
-        plot(speed, curves, RESULTS / "bench_compression.png")
+    out = launch_self(2, cases, work)
+    return {name: out[name.replace(" ", "_")] for name in CONVERGENCE}
+
+
+def _previous(name: str, default: dict | None = None) -> dict:
+    path = RESULTS / name
+    if path.exists():
+        return json.loads(path.read_text())
+    if default is not None:
+        return default
+    raise SystemExit(f"--only needs the other part's results: {path} is missing")
 
 
 NOTES = [
-    "bytes: counted on 3 steps per option before the timed ones; 'MB/step' columns are the bytes "
+    "bytes: counted on 5 steps per option before the timed ones; 'MB/step' columns are the bytes "
     "each rank's process wrote to its sockets during the gradient reduce-scatters / all-reduces "
     "of that axis (/proc/self/io wchar, max over ranks); 'payload' is the size of the tensors "
     "handed to those collectives. Parameter all-gathers are not gradient traffic and are left out.",
-    "in collectives: seconds spent inside those gradient collectives per step (counting steps). "
+    "in collectives: seconds spent inside those gradient collectives in a step (the least "
+    "disturbed of the 5 counting steps). "
     "PowerSGD's matmuls and QR, casts and bucket copies are outside: they show in the step time.",
     "step time: the slowest rank's time per step, options stepped round-robin in one launch "
     "(best and median of the timed steps); 'vs fp32' against the float32 row of the same layout. "

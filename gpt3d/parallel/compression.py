@@ -162,10 +162,14 @@ class GradSync:
         self.powersgd = PowerSGD(plan.powersgd_rank, seed) if plan.powersgd_rank else None
 
     def named_local(self, grads: bool) -> list[tuple[str, Tensor]]:
-        """(name, this rank's piece) of every unique parameter, or of its gradient."""
+        """(name, this rank's piece) of every unique parameter, or of its gradient. A
+        parameter without a gradient gets zeros: a peer may have one, and every rank must
+        join the same collectives."""
         seen, out = set(), []
         for chunk in self.chunks:
             for name, p in chunk.named_parameters():
+                if grads and p.grad is None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
                 t = p.grad if grads else p
                 if id(p) in seen or t is None:
                     continue

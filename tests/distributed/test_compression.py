@@ -6,7 +6,7 @@ torchrun launches against the 1-process fp32 reference (same weights, same batch
   tolerances, on DDP, HSDP (also with grad accumulation), DDP x PP and DDP x TP.
 - bf16 / fp16 reductions: every step-1 gradient equals the fp32 one within the dtype's
   rounding (relative norm error below 2 unit roundoffs: bf16 2^-7, fp16 2^-10; measured:
-  bf16 <= 3.1e-3, fp16 <= 3.9e-4) and measurably differs from it (so the compressed path
+  bf16 <= 3.6e-3, fp16 <= 5.0e-4) and measurably differs from it (so the compressed path
   really ran); losses within 1e-3; parameters and gradients stay fp32; replicas identical.
 - PowerSGD: with error feedback the compressed sums plus the errors still held add up to the
   exact gradient sum over the steps (1e-5; measured 1e-7 over 6 training steps, 2e-6 over
@@ -44,7 +44,8 @@ from tests.helpers import pp_args as pp
 # makes 3 more.
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1800)]
 WORKER = "tests/distributed/compression_worker.py"
-DDP, TP2 = "--parallel.dp_mode=ddp", "--parallel.tp=2"
+# dp_mode is explicit: its default, auto, picks ddp for models this small
+FSDP, DDP, TP2 = "--parallel.dp_mode=fsdp", "--parallel.dp_mode=ddp", "--parallel.tp=2"
 HSDP = ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]
 BF16, FP16 = "--parallel.grad_reduce_dtype=bfloat16", "--parallel.grad_reduce_dtype=float16"
 REPLICATE_BF16 = "--parallel.grad_reduce_dtype_replicate=bfloat16"
@@ -71,14 +72,14 @@ EXACT = {
 }
 # name -> (world size, overrides, the dtype whose rounding bounds the error)
 LOW_PRECISION = {
-    "fsdp2_bf16": (2, [BF16], "bfloat16"),
-    "fsdp2_fp16": (2, [FP16], "float16"),
+    "fsdp2_bf16": (2, [FSDP, BF16], "bfloat16"),
+    "fsdp2_fp16": (2, [FSDP, FP16], "float16"),
     "ddp2_bf16": (2, [DDP, BF16], "bfloat16"),
     "ddp2_fp16": (2, [DDP, FP16], "float16"),
     "hsdp_bf16": (4, [*HSDP, BF16], "bfloat16"),
     "hsdp_fp16": (4, [*HSDP, FP16], "float16"),
     "hsdp_bf16_replicate_only": (4, [*HSDP, REPLICATE_BF16], "bfloat16"),
-    "fsdp2_pp2_fp16": (4, [FP16, *PP2], "float16"),
+    "fsdp2_pp2_fp16": (4, [FSDP, FP16, *PP2], "float16"),
     "ddp2_tp2_bf16": (4, [DDP, BF16, TP2], "bfloat16"),
 }
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}

@@ -145,11 +145,13 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), n_train=4000, n_val=1000)
 
 
+FSDP_MODE = "--parallel.dp_mode=fsdp"  # explicit: auto picks ddp for models this small
 REFUSED = {
-    "powersgd on FSDP": (2, ["--parallel.grad_compression=powersgd"], "dp_replicate=1"),
+    "powersgd on FSDP": (2, [FSDP_MODE, "--parallel.grad_compression=powersgd"], "dp_replicate=1"),
     "powersgd, fsdp over dp_replicate": (
         2,
         [
+            FSDP_MODE,
             "--parallel.grad_compression=powersgd",
             "--parallel.dp_replicate=2",
             "--parallel.dp_shard=1",
@@ -159,7 +161,7 @@ REFUSED = {
     "powersgd, 1 process": (1, ["--parallel.grad_compression=powersgd"], "dp_mode=ddp"),
     "replicate dtype without the axis": (
         2,
-        ["--parallel.grad_reduce_dtype_replicate=bfloat16"],
+        [FSDP_MODE, "--parallel.grad_reduce_dtype_replicate=bfloat16"],
         "grad_reduce_dtype_replicate=bfloat16",
     ),
 }
@@ -179,7 +181,7 @@ def test_unsupported_combinations_are_refused(data, case):
         (2, ["--parallel.dp_mode=ddp", "--parallel.grad_compression=powersgd"]),
         (4, ["--parallel.dp_replicate=2", "--parallel.grad_compression=powersgd"]),
         (4, ["--parallel.dp_replicate=2", "--parallel.grad_reduce_dtype_replicate=float16"]),
-        (2, ["--parallel.grad_reduce_dtype=float16"]),
+        (2, [FSDP_MODE, "--parallel.grad_reduce_dtype=float16"]),
         (1, ["--parallel.grad_reduce_dtype=bfloat16"]),  # nothing to reduce: accepted
     ],
 )
