@@ -37,6 +37,7 @@ class Workload:
     dtype: str = "bfloat16"
     model_args: tuple[str, ...] = ()  # --model.* overrides that rebuild `model` in train.py
     ac_every: int = 2  # selective activation checkpointing: every k-th block
+    device: str = "cuda"  # where the step runs: "cuda" or "cpu" (gpt3d.loss chunks differ)
 
     @classmethod
     def from_preset(
@@ -46,12 +47,13 @@ class Workload:
         global_batch: int,
         dtype: str = "bfloat16",
         pad_vocab_multiple: int = 64,
+        device: str = "cuda",
         **shape,
     ) -> Workload:
         model = preset_config(preset, pad_vocab_multiple=pad_vocab_multiple, **shape)
         args = [f"--model.preset={preset}", f"--model.pad_vocab_multiple={pad_vocab_multiple}"]
         args += [f"--model.{k}={v}" for k, v in shape.items() if v is not None]
-        return cls(model, seq_len, global_batch, dtype, tuple(args))
+        return cls(model, seq_len, global_batch, dtype, tuple(args), device=device)
 
     @property
     def tokens(self) -> int:

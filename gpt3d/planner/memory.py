@@ -44,7 +44,7 @@ import numpy as np
 
 from gpt3d.model import GPTConfig
 from gpt3d.planner.layout import Layout, Workload
-from gpt3d.planner.schedules import HEAD_RETAINED, W_RETAINED, local_stages, residency
+from gpt3d.planner.schedules import local_stages, pending_weight_grads, residency
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -117,28 +117,31 @@ def stage_params(cfg: GPTConfig, counts: ParamCounts, lay: Layout, stage: int, n
 
 @dataclass(frozen=True)
 class ActTerms:
-    """Bytes per token of one microbatch."""
+    """Bytes per token of one microbatch, saved for backward."""
 
     layer: float  # one block, everything it saves
     layer_ckpt: float  # one checkpointed block: its input
     embed: float  # stage 0: token ids (int64) (+ dropout mask)
-    head: float  # last stage: ln_f input, lm_head input, log-probs (fp32)
-    logits_temp: float  # last stage, transient: log-probs gradient + logits gradient (fp32)
+    head: float  # last stage: ln_f input and stats, lm_head input, the logits (their gradient)
 
     @classmethod
     def of(cls, w: Workload, lay: Layout) -> ActTerms:
         cfg, tp = w.model, lay.tp
         a = DTYPE_BYTES[w.dtype]
-        autocast = w.dtype == "bfloat16" and lay.dp == 1  # residual stream stays fp32
-        res = 4 if autocast else a
+        res = 4 if autocast(w, lay) else a  # under autocast the residual stream stays fp32
         sp = tp if lay.sequence_parallel else 1  # what the sequence split divides
         C, V, H = cfg.n_embd, cfg.padded_vocab_size, cfg.n_head
         drop = 2 * C / sp if cfg.dropout > 0 else 0.0  # bool masks after attn and MLP
         stats = 2 * 2 * 4 / sp + 4 * H / tp  # LayerNorm mean/rstd, attention logsumexp
         layer = C * (2 * res / sp + 2 * a + 12 * a / tp) + stats + drop
         embed = 8 + (C / sp if cfg.dropout > 0 else 0.0)
-        head = C * (res / sp + a) + 8 / sp + 4 * V / tp
-        return cls(layer, C * res / sp, embed, head, 8 * V / tp)
+        head = C * (res / sp + a) + 8 / sp + a * V / tp  # gpt3d.loss keeps the logits' bytes
+        return cls(layer, C * res / sp, embed, head)
+
+
+def autocast(w: Workload, lay: Layout) -> bool:
+    """bf16 without data parallelism runs under torch.autocast (FSDP casts otherwise)."""
+    return w.dtype == "bfloat16" and lay.dp == 1
 
 
 def checkpointed(lay: Layout, layers: range, ac_every: int) -> int:
@@ -161,55 +164,92 @@ def memory_by_rank(w: Workload, lay: Layout) -> list[MemoryBreakdown]:
     counts, terms = ParamCounts.of(w.model, lay.tp), ActTerms.of(w, lay)
     splits = layer_split(w.model.n_layer, lay.n_stages)
     states = residency(lay.schedule, lay.pp, lay.stages_per_rank, lay.microbatches)
-    return [rank_memory(w, lay, r, splits, states[r], counts, terms) for r in range(lay.pp)]
+    pending = pending_weight_grads(lay.schedule, lay.pp, lay.stages_per_rank, lay.microbatches)
+    return [
+        rank_memory(w, lay, r, splits, states[r], counts, terms, pending[r]) for r in range(lay.pp)
+    ]
 
 
-def rank_memory(w, lay, rank, splits, states, counts, terms) -> MemoryBreakdown:
+def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> MemoryBreakdown:
+    """pending: microbatch-stages waiting for their weight gradient (split backward) at
+    once; each keeps gradients about the size of its blocks' saved tensors."""
     stages = local_stages(lay.schedule, rank, lay.pp, lay.stages_per_rank) if lay.pp > 1 else [0]
     tokens = lay.microbatch_size(w.global_batch) * w.seq_len
     numel = tensors = root = 0.0
-    alive, retained, ckpt_any = [], [], False
+    alive, blocks_mb, last_ckpt = [], [], False
     for s in stages:
         n, t, r = stage_params(w.model, counts, lay, s, len(splits[s]))
         numel, tensors, root = numel + n, tensors + t, root + r
         k = checkpointed(lay, splits[s], w.ac_every)
-        ckpt_any = ckpt_any or k > 0
+        last_ckpt = last_ckpt or (k > 0 and checkpointed(lay, splits[s][-1:], w.ac_every) > 0)
         blocks = (len(splits[s]) - k) * terms.layer + k * terms.layer_ckpt
+        blocks_mb.append(tokens * blocks)
         head = terms.head * (s == lay.n_stages - 1)
         alive.append(tokens * (blocks + head + terms.embed * (s == 0)))
-        retained.append(tokens * (W_RETAINED * blocks + HEAD_RETAINED * head))
-    saved = float((states @ np.array(alive + retained)).max())
-    recompute = tokens * (terms.layer - terms.layer_ckpt) if ckpt_any else 0.0
+    saved = float((states @ np.array(alive)).max())
+    casts = 2 * (numel - root + head_rows(w, lay, stages)) if autocast(w, lay) else 0.0
     has_last = lay.n_stages - 1 in stages
-    logits = tokens * terms.logits_temp if has_last else 0.0
-    buffers = dp_buffers(w, lay, numel, counts.block, root)
+    extra = transients(w, lay, tokens, numel, counts.block, root, has_last, 0 in stages)
+    extra += pending * sum(blocks_mb) / len(blocks_mb)
+    recompute = tokens * (terms.layer - terms.layer_ckpt) if last_ckpt else 0.0
     shard = lay.dp_shard if lay.dp_mode == "fsdp" else 1
     return MemoryBreakdown(
         params=4 * numel / shard,
         grads=4 * numel / shard,
         optimizer=8 * numel / shard + 4 * tensors,
-        activations=saved + recompute,
-        temporaries=logits + buffers,
+        activations=saved + casts,
+        temporaries=max(extra, recompute),
         pp_rank=rank,
         detail={
             "saved": saved,
+            "autocast_casts": casts,
+            "transients": extra,
             "recompute": recompute,
-            "logits": logits,
-            "unsharded_buffers": buffers,
             "params_per_tp_rank": numel,
         },
     )
 
 
-def dp_buffers(w: Workload, lay: Layout, numel: float, block: float, root: float) -> float:
-    """Transient unsharded parameters / gradients of the data-parallel wrapper (or autocast)."""
-    bf16 = w.dtype == "bfloat16"
-    p = DTYPE_BYTES[w.dtype]  # FSDP's param dtype: what all-gathers produce
-    g = p + (4 if bf16 else 0)  # unsharded grad, plus its fp32 copy for the reduction
+def head_rows(w: Workload, lay: Layout, stages: list[int]) -> float:
+    """Elements of the lm_head weight a stage list multiplies with (autocast casts it)."""
+    last = lay.n_stages - 1 in stages
+    return w.model.padded_vocab_size * w.model.n_embd / lay.tp if last else 0.0
+
+
+def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> float:
+    """Bytes the live-byte peak holds beyond the state and the saved-tensor peak, fitted to
+    the fake estimator (gpt3d/planner/fake.py; tests/unit/test_planner_fake.py bounds the
+    error). Without pp the larger of the moments below, with pp their sum (a pipeline stage
+    keeps its unsharded state all step):
+      head      the lm_head's weight gradient in the compute dtype, its input gradient,
+                gpt3d.loss's fp32 chunk buffers; FSDP without pp: the unsharded root
+      embedding tp > 1, first stage: the vocab-parallel embedding's backward builds its
+                gradient for the whole vocabulary (twice while accumulating)
+      wrapper   FSDP without pp: the current and the prefetched block unsharded plus one
+                block's fp32 gradient; FSDP with pp: the stage unsharded all step with its
+                fp32 gradients; DDP (FSDP-based replicate): bf16 copies of every parameter,
+                fp32: a second gradient buffer."""
+    p = DTYPE_BYTES[w.dtype]  # compute / FSDP param dtype
+    fsdp = lay.dp > 1 and lay.dp_mode == "fsdp"
+    V, C = w.model.padded_vocab_size, w.model.n_embd
+    head = 0.0
+    if last:
+        rows = min(tokens, max(16, LOSS_CHUNK[w.device] // max(1, V // lay.tp)))
+        head = (p * C + rows * 4 * (2 if p < 4 else 1)) * V / lay.tp + 4 * tokens * C
+        head += p * root if fsdp and lay.pp == 1 else 0.0
+    embed = 2 * p * V * C if first and lay.tp > 1 else 0.0
     if lay.dp == 1:
-        return 2 * numel if bf16 else 0.0  # autocast weight-cast cache
-    if lay.dp_mode == "ddp":
-        return (p * numel if bf16 else 0.0) + 2 * block * g
-    if lay.pp > 1:
-        return numel * (p + 4)  # stage unsharded all step + fp32 accumulated grads
-    return (2 * block + root) * (p + g)
+        wrapper = 0.0
+    elif lay.dp_mode == "ddp":
+        wrapper = p * numel if p < 4 else 4 * numel
+    elif lay.pp > 1:
+        wrapper = numel * (p + 4)
+    else:
+        wrapper = block * (2 * p + 4)
+    if lay.pp == 1:  # the embedding's backward comes last, when activations are freed
+        return max(head, wrapper)
+    return head + embed + wrapper
+
+
+# gpt3d.loss works on the logits in chunks of this many fp32 elements (its _rows_per_chunk)
+LOSS_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}

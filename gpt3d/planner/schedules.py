@@ -12,15 +12,12 @@ bubble / (m + bubble) is the idle fraction of a step with m microbatches:
 
 Residency: microbatches whose activations a rank holds at its peak, per local stage. GPipe
 holds all m, 1F1B min(p - rank, m) (one stage per rank); the multi-stage schedules are
-replayed from torch.distributed.pipelining's own action lists (F adds one, B or W frees one).
-Measured on torch 2.13 (per-rank saved-tensor peaks, pp=2, m=4 and 8, 8 layers, vocab 512 and
-50304): every schedule matches that replay except the split-backward ones
-(InterleavedZeroBubble, ZBVZeroBubble), whose W leaves part of a microbatch alive until the
-step ends, on every stage but the first (stage 0 has no input gradient to split off):
-W_RETAINED of its blocks' saved tensors and all of the loss path's (log-probs). So a state
-counts, per local stage, microbatches alive and microbatches "retained" after their W.
-Residual error: the V schedules' rank 0 (first and last stage) measures up to 10 % above this
-(tests/unit/test_planner.py keeps the per-rank measurements).
+replayed from torch.distributed.pipelining's own action lists (F adds one, B or W frees one;
+the split-backward schedules free a microbatch's saved tensors at its W). Every schedule's
+replay equals the saved-tensor peak of each rank measured on torch 2.13, fake and real
+(tests/unit/test_planner_fake.py). (Phase 1 saw split-backward stages "retain" tensors after
+W: that was the measuring hook holding saved outputs in a cycle with their own grad_fn, which
+the I/W split never releases; gpt3d/planner/livebytes.py holds detached aliases instead.)
 When torch's tables are not reachable, closed forms (exact for m a multiple of p) are used.
 """
 
@@ -29,10 +26,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-
-SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble")
-W_RETAINED = 0.375  # 6 of a block's 16 saved C-wide tensors (measured, see module docstring)
-HEAD_RETAINED = 1.0  # the last stage's loss path (log-probs, ln_f) stays whole (measured)
 
 
 def bubble_units(schedule: str, p: int, v: int) -> float:
@@ -62,24 +55,43 @@ def local_stages(schedule: str, rank: int, p: int, v: int) -> list[int]:
 
 @functools.lru_cache(maxsize=4096)
 def residency(schedule: str, p: int, v: int, m: int) -> tuple:
-    """Per pp rank, every state its schedule passes through: rows of (alive..., retained...)
-    microbatches per local stage (in local_stages order). A rank's peak bytes is
-    max(states @ (stage bytes..., retained bytes...))."""
+    """Per pp rank, every state its schedule passes through: rows of microbatches alive per
+    local stage (in local_stages order). A rank's peak bytes is max(states @ stage bytes)."""
     if p == 1:
-        return (_array([(1.0, 0.0)]),)
+        return (_array([(1.0,)]),)
     if schedule == "GPipe":
-        return tuple(_array([(float(m), 0.0)]) for _ in range(p))
+        return tuple(_array([(float(m),)]) for _ in range(p))
     if schedule == "1F1B":
-        return tuple(_array([(float(min(p - r, m)), 0.0)]) for r in range(p))
+        return tuple(_array([(float(min(p - r, m)),)]) for r in range(p))
     actions = torch_actions(schedule, p, v, m)
     if actions is None:
         return tuple(_array([_closed_form(schedule, p, v, m, r)]) for r in range(p))
-    return tuple(_replay(schedule, actions[r], local_stages(schedule, r, p, v)) for r in range(p))
+    return tuple(_replay(actions[r], local_stages(schedule, r, p, v)) for r in range(p))
+
+
+@functools.lru_cache(maxsize=4096)
+def pending_weight_grads(schedule: str, p: int, v: int, m: int) -> tuple[int, ...]:
+    """Per pp rank, the most microbatch-stages whose input gradient is done (I) and weight
+    gradient not yet (W) at once: the split-backward schedules keep the gradients of a
+    stage's intermediate outputs for each of them until its W."""
+    actions = torch_actions(schedule, p, v, m) if p > 1 else None
+    if actions is None:
+        return (0,) * p
+    most = []
+    for rank in range(p):
+        pending = peak = 0
+        for action in actions[rank]:
+            for sub in (action.sub_actions or (action,)) if action is not None else ():
+                kind = sub.computation_type.value
+                pending += (kind == "I") - (kind == "W")
+                peak = max(peak, pending)
+        most.append(peak)
+    return tuple(most)
 
 
 def inflight_closed_form(schedule: str, p: int, v: int, m: int, rank: int) -> int:
-    """Chunk-microbatches alive at a rank's peak without W retention (exact for torch 2.13's
-    tables when m is a multiple of p; tests compare it with the replay)."""
+    """Chunk-microbatches alive at a rank's peak (exact for torch 2.13's tables when m is a
+    multiple of p; tests compare it with the replay)."""
     if schedule == "GPipe":
         return m
     if schedule == "1F1B":
@@ -97,20 +109,16 @@ def inflight_closed_form(schedule: str, p: int, v: int, m: int, rank: int) -> in
 
 
 def _closed_form(schedule: str, p: int, v: int, m: int, rank: int) -> tuple[float, ...]:
-    """Fallback: the closed-form count spread evenly over local stages, plus (upper bound)
-    every non-first stage's m microbatches retained for the split-backward schedules."""
+    """Fallback: the closed-form count spread evenly over local stages."""
     stages = local_stages(schedule, rank, p, v)
-    alive = inflight_closed_form(schedule, p, v, m, rank) / len(stages)
-    split = schedule in SPLIT_BACKWARD
-    return (alive,) * len(stages) + tuple(float(m) if split and s else 0.0 for s in stages)
+    return (inflight_closed_form(schedule, p, v, m, rank) / len(stages),) * len(stages)
 
 
-def _replay(schedule: str, actions, stages: list[int]) -> tuple:
-    """Walk one rank's action list; every state it passes through."""
-    n, index = len(stages), {s: i for i, s in enumerate(stages)}
-    count = [0.0] * (2 * n)  # alive per local stage, then retained per local stage
+def _replay(actions, stages: list[int]) -> tuple:
+    """Walk one rank's action list; every state (alive per local stage) it passes through."""
+    index = {s: i for i, s in enumerate(stages)}
+    count = [0.0] * len(stages)
     states = []
-    split = schedule in SPLIT_BACKWARD
     for action in actions:
         if action is None:
             continue
@@ -119,8 +127,6 @@ def _replay(schedule: str, actions, stages: list[int]) -> tuple:
             if i is None or kind not in ("F", "B", "W"):
                 continue
             count[i] += 1.0 if kind == "F" else -1.0
-            if split and kind == "W" and sub.stage_index != 0:
-                count[n + i] += 1.0
             states.append(tuple(count))
     return _array(states or [tuple(count)])
 
