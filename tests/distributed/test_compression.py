@@ -3,7 +3,8 @@ torchrun launches against the 1-process fp32 reference (same weights, same batch
 
 - gpt3d's own dp_replicate all-reduce (GradSync, used whenever that axis is compressed),
   run in fp32 (PowerSGD configured but never started): exactly the reference, at the parity
-  tolerances, on DDP, HSDP (also with grad accumulation), DDP x PP and DDP x TP.
+  tolerances, on DDP, HSDP (also with grad accumulation), DDP x PP, DDP x TP and a MoE
+  model on HSDP with expert parallelism (ep 2).
 - bf16 / fp16 reductions: every step-1 gradient equals the fp32 one within the dtype's
   rounding (relative norm error below 2 unit roundoffs: bf16 2^-7, fp16 2^-10; measured:
   bf16 <= 3.6e-3, fp16 <= 5.0e-4) and measurably differs from it (so the compressed path
@@ -62,13 +63,17 @@ def powersgd(rank: int = 2, start: int = 0) -> list[str]:
 
 NEVER = powersgd(start=10_000)  # GradSync all-reduces in fp32: PowerSGD never starts
 
-# name -> (world size, overrides): must equal the reference exactly
+MOE = ["--model.n_experts=4", "--model.moe_top_k=2"]  # a Mixture-of-Experts reference
+EP2 = [*HSDP, "--parallel.ep=2"]  # experts split over ep, FSDP over dp_shard / ep
+
+# name -> (world size, overrides): must equal the reference exactly (a MoE one with MOE)
 EXACT = {
     "ddp2_sync": (2, [DDP, *NEVER]),
     "hsdp_sync": (4, [*HSDP, *NEVER]),
     "hsdp_sync_grad_accum": (4, [*HSDP, *NEVER, "--training.grad_accum=2"]),
     "ddp2_pp2_sync": (4, [DDP, *NEVER, *PP2]),
     "ddp2_tp2_sync": (4, [DDP, *NEVER, TP2]),
+    "hsdp_ep2_moe_sync": (4, [*EP2, *MOE, *NEVER]),
 }
 # name -> (world size, overrides, the dtype whose rounding bounds the error)
 LOW_PRECISION = {
@@ -103,7 +108,7 @@ def runs(tmp_path_factory):
     def train(overrides: list[str]) -> dict:
         return {"kind": "train", "args": [f"--data.dataset={data}", *BASE, *overrides]}
 
-    launches: dict[int, dict] = {0: {"ref": train([])}}
+    launches: dict[int, dict] = {0: {"ref": train([]), "ref_moe": train(MOE)}}
     for name, (world, overrides, *_) in {**EXACT, **LOW_PRECISION, **POWERSGD}.items():
         launches.setdefault(world, {})[name] = train(overrides)
     for name, (world, overrides) in LEDGER.items():
@@ -112,11 +117,11 @@ def runs(tmp_path_factory):
     return root / "out", failed(launch_per_world(WORKER, launches, root))
 
 
-def _load(runs, name: str, world: int) -> tuple[dict, dict]:
+def _load(runs, name: str, world: int, ref: str = "ref") -> tuple[dict, dict]:
     out, failures = runs
     for w in (0, world):
         assert w not in failures, f"launch of world {w} failed:\n{failures[w]}"
-    return merged(out, "ref"), merged(out, name)
+    return merged(out, ref), merged(out, name)
 
 
 def _record(runs, name: str, world: int) -> dict:
@@ -139,8 +144,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", list(EXACT))
 def test_own_replicate_all_reduce_is_exact_in_fp32(runs, case):
-    world, _ = EXACT[case]
-    ref, got = _load(runs, case, world)
+    world, overrides = EXACT[case]
+    ref, got = _load(runs, case, world, "ref_moe" if MOE[0] in overrides else "ref")
     torch.testing.assert_close(got["losses"], ref["losses"], atol=1e-5, rtol=0)
     torch.testing.assert_close(got["grad_norms"], ref["grad_norms"], atol=0, rtol=1e-5)
     for kind, atol in (("grads", 1e-6), ("params", 1e-5)):

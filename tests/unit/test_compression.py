@@ -10,7 +10,13 @@ import torch
 
 from gpt3d.config import ParallelConfig, load_config
 from gpt3d.errors import ConfigError
-from gpt3d.parallel.compression import buckets, fp16_scale, plan_reduction
+from gpt3d.parallel.compression import (
+    GradSync,
+    ReductionPlan,
+    buckets,
+    fp16_scale,
+    plan_reduction,
+)
 from gpt3d.parallel.dims import ParallelDims
 from gpt3d.parallel.powersgd import PowerSGD
 from gpt3d.preflight import preflight
@@ -60,7 +66,7 @@ def test_bfloat16_everywhere_stays_native_and_overlapped():
         ),
     ],
 )
-def test_compressed_replicate_axis_is_gpt3d_s_own(dims, overrides, fsdp_dtype, sync_dtype):
+def test_compressed_replicate_axis_goes_to_grad_sync(dims, overrides, fsdp_dtype, sync_dtype):
     p = plan(dims, **overrides)
     assert p.fsdp_axes == ("dp_shard",)  # FSDP2 over dp_shard only (size 1 in ddp mode)
     assert (p.fsdp_dtype, p.sync_dtype) == (fsdp_dtype, sync_dtype)
@@ -128,6 +134,18 @@ def test_powersgd_start_state_is_shared_by_name():
         assert torch.count_nonzero(a.error[name]) == 0
     assert not torch.equal(a.q["wte.weight"], a.q["h.0.mlp.c_fc.weight"])
     assert set(a.state_dict()) == {f"{n}.{k}" for n, _ in named for k in ("q", "error")}
+
+
+def test_grad_sync_gives_a_missing_gradient_zeros():
+    """Every rank must join the same all-reduces: a parameter without a gradient on this rank
+    (a peer may have one) takes part with zeros; a tied parameter appears once."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    model[0](torch.ones(2, 4)).sum().backward()  # model[1].bias gets no gradient
+    plan = ReductionPlan(("dp_shard",), "float32", "float32")
+    named = GradSync([model], None, plan, seed=0, layout="test").named_local(grads=True)
+    assert [n for n, _ in named] == ["0.weight", "0.bias", "1.bias"]
+    assert torch.count_nonzero(model[1].bias.grad) == 0
 
 
 def test_buckets_keep_order_and_cap():
