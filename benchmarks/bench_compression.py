@@ -1,8 +1,8 @@
 """Gradient compression on the data-parallel axes: bytes, step time and convergence of each
 [parallel] option against float32, with gpt3d's real Trainer in real torchrun launches.
 
-    python benchmarks/bench_compression.py                  # ~15 min on the 2-core box
-    python benchmarks/bench_compression.py --skip-convergence --steps 4
+    python benchmarks/bench_compression.py                  # ~25 min on the 2-core box
+    python benchmarks/bench_compression.py --only speed     # rerun one part (or: report)
 
 1. Bytes and step time, dp2 FSDP / dp2 DDP (2 processes) and HSDP 2x2 (4 processes), a
    communication-bound model (wide, few tokens per rank; gloo over loopback). Every option
@@ -16,18 +16,33 @@
    GPT, a few hundred steps per option: final train (mean of the last 20 steps) and val
    loss against float32, and a loss-curve plot.
 
-Writes results/bench_compression.{json,md} and bench_compression.png.
+Writes results/bench_compression.{json,md,png} and bench_compression_curves.json. The
+worker side (counting, timing, training) is benchmarks/compression_worker.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import sys
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from common import (
+    REPO,
+    RESULTS,
+    TORCHRUN,
+    arg_parser,
+    columns,
+    machine,
+    median,
+    save_figure,
+    subplots,
+    synthetic_data,
+    table,
+    write_results,
+)
 
 RECIPE_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "shakespeare"
 
@@ -79,182 +94,19 @@ CONVERGENCE = {
 }
 
 
-# ---------------------------------------------------------------- worker side
-
-
-class CollectiveCounter:
-    """Wraps torch.distributed's collectives: per axis, payload bytes and socket bytes."""
-
-    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single")
-    GATHERS = ("all_gather_into_tensor", "all_gather_single")
-
-    def __init__(self, mesh):
-        import torch.distributed as dist
-
-        self.dist, self.axes = dist, {}
-        for axis in mesh.mesh_dim_names:
-            group = mesh[axis].get_group()
-            ranks = tuple(dist.get_process_group_ranks(group))
-            if len(ranks) > 1:
-                self.axes[ranks] = axis
-        self.reset()
-
-    def reset(self):
-        self.counts: dict[str, dict[str, int]] = {}
-
-    def _axis(self, group) -> str:
-        ranks = tuple(self.dist.get_process_group_ranks(group or self.dist.group.WORLD))
-        return self.axes.get(ranks, "local" if len(ranks) == 1 else f"ranks {ranks}")
-
-    def _wrap(self, name: str, kind: str):
-        import inspect
-
-        original = getattr(self.dist, name)
-        signature = inspect.signature(original)
-
-        def wrapped(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs).arguments
-            tensor = next(bound[k] for k in ("tensor", "input", "input_tensor") if k in bound)
-            before, t0 = _wchar(), time.perf_counter()
-            work = original(*args, **kwargs)
-            if work is not None and bound.get("async_op"):
-                work.wait()  # counting steps only: this call's bytes, not a later one's
-            entry = self.counts.setdefault(self._axis(bound.get("group")), {})
-            for key, value in (
-                ("payload", tensor.numel() * tensor.element_size()),
-                ("socket", _wchar() - before),
-                ("seconds", time.perf_counter() - t0),
-                ("calls", 1),
-            ):
-                entry[f"{kind}_{key}"] = entry.get(f"{kind}_{key}", 0) + value
-            return work
-
-        return original, wrapped
-
-    @contextlib.contextmanager
-    def counting(self):
-        patched = {}
-        for names, kind in ((self.NAMES, "reduce"), (self.GATHERS, "gather")):
-            for name in names:
-                if hasattr(self.dist, name):
-                    original, wrapped = self._wrap(name, kind)
-                    patched[name] = original
-                    setattr(self.dist, name, wrapped)
-        try:
-            yield
-        finally:
-            for name, original in patched.items():
-                setattr(self.dist, name, original)
-
-
-def _wchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    return 0
-
-
-def speed_case(spec: dict, out: Path) -> None:
-    """Every option of one layout, built together, stepped round-robin."""
-    import torch
-    import torch.distributed as dist
-
-    from gpt3d.config import load_config
-    from gpt3d.trainer import Trainer
-
-    torch.set_num_threads(1)
-    trainers = {
-        name: Trainer.from_config(load_config([*spec["args"], *extra]))
-        for name, extra in spec["options"].items()
-    }
-    counter = CollectiveCounter(next(iter(trainers.values())).mesh)
-    record = {"rank": dist.get_rank(), "options": {}}
-    for name, trainer in trainers.items():
-        for _ in range(spec["warmup"]):
-            trainer.train_step()
-        steps = []
-        with counter.counting():
-            for _ in range(spec["count_steps"]):
-                counter.reset()
-                trainer.train_step()
-                steps.append(counter.counts)
-        # bytes: the same every step (max); seconds: the least disturbed step (min)
-        per_step = {
-            axis: {
-                k: (min if k.endswith("seconds") else max)(s.get(axis, {}).get(k, 0) for s in steps)
-                for k in steps[0][axis]
-            }
-            for axis in steps[0]
-        }
-        record["options"][name] = {"bytes": per_step, "step_s": [], "losses": []}
-    for _ in range(spec["steps"]):
-        for name, trainer in trainers.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            stats = trainer.train_step()
-            record["options"][name]["step_s"].append(time.perf_counter() - t0)
-            record["options"][name]["losses"].append(stats.loss)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    del trainers
-    gc.collect()
-
-
-def converge_case(spec: dict, out: Path) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from gpt3d.config import load_config
-    from gpt3d.trainer import Trainer
-
-    torch.set_num_threads(1)
-    trainer = Trainer.from_config(load_config(spec["args"]))
-    losses, val, t0 = [], {}, time.perf_counter()
-    while trainer.step < trainer.cfg.training.steps:
-        losses.append(trainer.train_step().loss)
-        if trainer.step % spec["eval_every"] == 0 or trainer.step == trainer.cfg.training.steps:
-            val[trainer.step] = trainer.evaluate()
-    record = {"losses": losses, "val": val, "seconds": time.perf_counter() - t0}
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rank0.json").write_text(json.dumps(record))
-    del trainer
-    gc.collect()
-
-
-def worker_main(argv: list[str]) -> int:
-    from tests.helpers import cases_main
-
-    def run(spec: dict, out: Path) -> None:
-        (speed_case if spec["kind"] == "speed" else converge_case)(spec, out)
-
-    return cases_main(run)(argv)
-
-
 # ---------------------------------------------------------------- driver side
 
 
 def launch_self(world: int, cases: dict, work: Path) -> dict:
-    """One torchrun launch of this script in worker mode over `cases`."""
-    import os
-    import subprocess
-
-    from common import REPO, TORCHRUN
-
+    """One torchrun launch of benchmarks/compression_worker.py over `cases`."""
     work.mkdir(parents=True, exist_ok=True)
     spec = work / f"cases_{world}_{len(cases)}.json"
     spec.write_text(json.dumps(cases))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    cmd = [
-        *TORCHRUN,
-        "--standalone",
-        f"--nproc_per_node={world}",
-        __file__,
-        "--worker",
-        str(spec),
-        str(work / "out"),
-    ]
+    worker = str(Path(__file__).with_name("compression_worker.py"))
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={world}", worker, str(spec)]
+    cmd.append(str(work / "out"))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     print(
@@ -513,24 +365,4 @@ NOTES = [
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from gpt3d.launch import guarded_main
-
-        i = sys.argv.index("--worker")
-        guarded_main(worker_main, sys.argv[i + 1 :])
-    else:
-        from common import (
-            RESULTS,
-            arg_parser,
-            columns,
-            machine,
-            median,
-            save_figure,
-            subplots,
-            synthetic_data,
-            table,
-            write_results,
-        )
-
-        main()
+    main()
