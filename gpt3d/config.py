@@ -159,6 +159,19 @@ class TrainingConfig:
     )
     ac_every: int = _f(2, "with selective: checkpoint every k-th block", ge=1)
     fused_optimizer: bool = _f(True, "use fused/foreach AdamW where the device supports it")
+    memory_check: str = _f(
+        "auto",
+        "before building anything, predict the per-rank peak memory and refuse a run that "
+        "cannot fit, naming a layout that does (docs/planner.md): auto = the analytic model "
+        "on GPUs, off on CPU; fake = the fake-tensor estimate of every pipeline rank (seconds)",
+        choices=("auto", "analytic", "fake", "off"),
+    )
+    memory_limit_gib: float = _f(
+        0.0,
+        "memory one rank may use for the memory check; 0 = the GPU's free memory (CPU: the "
+        "available RAM / processes on this node)",
+        ge=0.0,
+    )
 
 
 @dataclass

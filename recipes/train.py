@@ -37,6 +37,7 @@ def train(argv: list[str]) -> int:
     from gpt3d.launch import StopOnSignal, warn_if_restarts_may_hang
     from gpt3d.metrics import MetricsWriter, plot_loss_curve, progress_meter, wandb_settings
     from gpt3d.parallel.utils import dist_env
+    from gpt3d.planner.check import check_memory
     from gpt3d.preflight import preflight
     from gpt3d.profiling import StepProfiler
     from gpt3d.trainer import Trainer
@@ -46,6 +47,7 @@ def train(argv: list[str]) -> int:
     cfg, t = run.config, run.config.training
     log = Logger(env.rank, cfg.job.log_all_ranks)
     warn_if_restarts_may_hang(log)
+    check_memory(run, env.device, log)  # training.memory_check: refuse a run that cannot fit
     trainer = Trainer(run)
     if trainer.malloc_mmap_threshold:
         log(

@@ -251,6 +251,22 @@ def train_args(w: Workload, lay: Layout) -> list[str]:
     return args + ["--parallel.pp_layer_split="]
 
 
+def layout_args(w: Workload, lay: Layout) -> list[str]:
+    """The overrides that choose this layout (train_args without the model and batch)."""
+    keys = ["dp_replicate", "dp_shard", "pp", "tp", "dp_mode"]
+    keys += ["pp_schedule", "pp_microbatches", "pp_stages_per_rank"] if lay.pp > 1 else []
+    keys += ["sequence_parallel"] if lay.tp > 1 else []
+    values = parallel_config(lay)
+    args = [f"--parallel.{k}={_arg(getattr(values, k))}" for k in keys]
+    args += [f"--training.grad_accum={lay.grad_accum}"] if lay.grad_accum > 1 else []
+    args += [f"--training.activation_checkpointing={lay.ac}"] if lay.ac != "none" else []
+    return args
+
+
+def _arg(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def torchrun_command(w: Workload, lay: Layout, per_node: int) -> str:
     nodes = -(-lay.world // per_node)
     nproc = min(per_node, lay.world)
