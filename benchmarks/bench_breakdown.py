@@ -17,6 +17,7 @@ record is results/bench_breakdown.{md,json,png}.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -52,6 +53,7 @@ BARS = [
 ]
 OVERHEADS = ("python", "autograd", "dtensor", "fsdp", "loss")
 COMM = ("dp", "tp", "pp", "tied", "other")
+P2P = ("pp", "tied")
 
 
 def rank_row(name: str, r: dict) -> dict:
@@ -77,9 +79,10 @@ def rank_row(name: str, r: dict) -> dict:
         "tied_phase_ms": r["phases"].get("phase:tied", 0.0),
     }
     row["comm_exposed"] = sum(row[k] for k in ("comm_dp", "comm_tp", "comm_pp", "comm_other"))
-    for c in COMM:
-        row[f"busy_{c}"] = r["busy"].get(c, 0.0)
-        row[f"overlapped_{c}"] = r["overlapped"].get(c, 0.0)
+    for c in COMM:  # p2p (pp, tied) has no busy time: gloo's spans end at the wait
+        row[f"MiB_{c}"] = r["MiB"].get(c, 0.0)
+        row[f"busy_{c}"] = None if c in P2P else r["busy"].get(c, 0.0)
+        row[f"overlapped_{c}"] = None if c in P2P else r["overlapped"].get(c, 0.0)
         row[f"exposed_{c}"] = comm[c]
     for k in OVERHEADS:
         row[f"overhead_{k}"] = t.get(f"overhead:{k}", 0.0)
@@ -91,6 +94,7 @@ def layout_row(name: str, ranks: list[dict]) -> dict:
     """Means over a layout's ranks (every numeric column)."""
     keys = [k for k, v in ranks[0].items() if isinstance(v, float)]
     row = {k: sum(r[k] for r in ranks) / len(ranks) for k in keys}
+    row.update({k: None for k, v in ranks[0].items() if v is None})
     row.update(layout=name, world=len(ranks))
     return row
 
@@ -103,8 +107,9 @@ def markdown(rank_rows: list[dict], layout_rows: list[dict]) -> str:
     for r in layout_rows:
         r["comm_share"] = pct(r["comm_exposed"], r["profiled_ms"])
         r["overhead_share"] = pct(r["overhead"], r["profiled_ms"])
-        busy = sum(r[f"busy_{c}"] for c in COMM)
-        r["overlap_share"] = pct(sum(r[f"overlapped_{c}"] for c in COMM), busy) if busy else None
+        busy = sum(r[f"busy_{c}"] for c in COMM if c not in P2P)
+        ovl = sum(r[f"overlapped_{c}"] for c in COMM if c not in P2P)
+        r["overlap_share"] = pct(ovl, busy) if busy else None
     per_rank = columns(
         "layout:layout:s; rank:rank:d; step_ms:step ms (no profiler):.0f;"
         "profiled_ms:profiled step ms:.0f; compute:compute:.0f;"
@@ -115,8 +120,11 @@ def markdown(rank_rows: list[dict], layout_rows: list[dict]) -> str:
     )
     per_layout = columns(
         "layout:layout:s; world:procs:d; profiled_ms:step ms:.0f; comm_share:exposed comm %:.1f;"
-        "overlap_share:comm overlapped %:.0f; overhead_share:overhead %:.1f;"
-        + "".join(f"busy_{c}:{c} busy:.1f; exposed_{c}:{c} exposed:.1f;" for c in COMM)
+        "overlap_share:collectives overlapped %:.0f; overhead_share:overhead %:.1f;"
+        + "".join(
+            f"MiB_{c}:{c} MiB:.1f; busy_{c}:{c} busy:.1f; exposed_{c}:{c} exposed:.1f;"
+            for c in COMM
+        )
         + "".join(f"overhead_{k}:{k}:.1f;" for k in OVERHEADS)
         + "optimizer_ms:optimizer step:.1f"
     )
@@ -157,37 +165,20 @@ def case_dir(work: Path, name: str) -> Path:
     return work / name.replace(" ", "_").replace("×", "x").replace("+", "_")
 
 
-def main() -> None:
-    p = arg_parser(__doc__)
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed steps without the profiler")
-    p.add_argument("--profile", type=int, default=2, help="profiled steps per layout")
-    p.add_argument("--data", default=str(REPO / "recipes/data/shakespeare"))
-    p.add_argument("--out", default=str(RESULTS))
-    a = p.parse_args()
-    a.n_layer, a.n_head, a.n_embd, a.vocab, a.seq, a.batch = 4, 4, 256, 50257, 128, 8
+def run(a, work: Path) -> dict:
+    """Launch every layout (profiled) into `work`; the machine facts of the run."""
     info = machine()
-    work = Path(tempfile.mkdtemp(prefix="bench_breakdown_"))
-    names = [n.strip() for n in a.layouts.split(",")]
     base = [*model_args(gpt2_data(Path(a.data)), a), "--training.grad_clip=0"]
     spec = {"warmup": a.warmup, "steps": a.steps, "profile": a.profile}
-    run_layouts(names, base, spec, work)
-    rank_rows, layout_rows, unmatched = [], [], {}
-    for name in names:
-        result = analyze(case_dir(work, name))
-        rows = [rank_row(name, r) for r in result["ranks"]]
-        rank_rows += rows
-        layout_rows.append(layout_row(name, rows))
-        unmatched[name] = result["unmatched"]
-        print(
-            f"{name}: residual max {max(abs(r['residual']) for r in rows):.4f} ms, "
-            f"unmatched transfers {result['unmatched']}",
-            flush=True,
-        )
+    run_layouts(a.names, base, spec, work)
     info["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    (work / "machine.json").write_text(json.dumps(info))
+    return info
+
+
+def notes(a, info: dict, layout_rows: list[dict], unmatched: dict, work: Path) -> list[str]:
     prof = [r["profiled_ms"] / r["step_ms"] for r in layout_rows]
-    notes = [
+    return [
         "model: 4 layers x 256, 4 heads, GPT-2 vocabulary (50257 padded to 50304), 8 x 128 "
         "tokens per step, fp32, eager, grad clip off (the norm is still measured: 'other' "
         "comm); pipelines 4 microbatches; every process 1 thread",
@@ -196,25 +187,59 @@ def main() -> None:
         f"profiled ÷ unprofiled step: {min(prof):.2f}-{max(prof):.2f} over the layouts",
         "categories: see benchmarks/trace_breakdown.py; residual = step - sum of categories "
         "(0 up to rounding when every event nests)",
-        "exposed comm = training thread blocked in a wait or a launch (minus peer wait); "
-        "busy = union of the transfers from the last participant's start to their end (gloo "
-        "worker threads, p2p spans); overlapped = busy while the training thread was not blocked"
-        "; on 2 shared cores overlapped transfers still take CPU from compute",
+        "exposed comm = training thread blocked in a wait or a launch, minus the peer wait "
+        "before the last participant joined (pipeline idle on the pp axis); busy = union of "
+        "the collectives' runs on gloo's worker threads from the last participant's start; "
+        "overlapped = busy while the training thread was not blocked (on 2 shared cores an "
+        "overlapped transfer still takes CPU from compute); MiB = bytes this rank handed to "
+        "collectives or sent; p2p (pp, tied) has no busy time: gloo's send/recv spans end "
+        "when the work is waited for, not when the bytes land",
         "4- and 8-process layouts time-slice 2 cores: their peer wait and pipeline idle include "
         "being descheduled",
         f"transfers without a partner on another rank (their join = own start): {unmatched}",
         f"load average (1 min): {info['load_avg_1m_at_start']} at the start, "
         f"{info['load_avg_1m_at_end']} at the end; raw traces: {work}",
     ]
-    config = {"args": {k: v for k, v in vars(a).items() if k != "out"}}
+
+
+def main() -> None:
+    p = arg_parser(__doc__)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps without the profiler")
+    p.add_argument("--profile", type=int, default=2, help="profiled steps per layout")
+    p.add_argument("--data", default=str(REPO / "recipes/data/shakespeare"))
+    p.add_argument("--traces", type=Path, help="analyse this earlier run's directory instead")
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args()
+    a.n_layer, a.n_head, a.n_embd, a.vocab, a.seq, a.batch = 4, 4, 256, 50257, 128, 8
+    a.names = [n.strip() for n in a.layouts.split(",")]
+    if a.traces:
+        work, info = a.traces, json.loads((a.traces / "machine.json").read_text())
+    else:
+        work = Path(tempfile.mkdtemp(prefix="bench_breakdown_"))
+        info = run(a, work)
+    rank_rows, layout_rows, unmatched = [], [], {}
+    for name in a.names:
+        result = analyze(case_dir(work, name))
+        rows = [rank_row(name, r) for r in result["ranks"]]
+        rank_rows += rows
+        layout_rows.append(layout_row(name, rows))
+        unmatched[name] = result["unmatched"]
+        worst = max(abs(r["residual"]) for r in rows)
+        print(f"{name}: residual max {worst:.4f} ms, unmatched {unmatched[name]}", flush=True)
+    text = markdown(rank_rows, layout_rows)
+    args = {k: v for k, v in vars(a).items() if k not in ("out", "names", "traces")}
+    config = {"args": args, "per_layout": layout_rows}
+    title = "bench_breakdown: where each layout's step time goes"
     write_results(
         "bench_breakdown",
-        "bench_breakdown: where each layout's step time goes",
+        title,
         info,
         config,
         rank_rows,
-        markdown(rank_rows, layout_rows),
-        notes,
+        text,
+        notes(a, info, layout_rows, unmatched, work),
         Path(a.out),
     )
     plot(rank_rows, Path(a.out) / "bench_breakdown.png")

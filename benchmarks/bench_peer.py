@@ -86,14 +86,15 @@ def logging_rank(world: int, pp: int) -> int:
     return world // pp * (pp - 1)
 
 
-def run_gpt3d(name: str, data: Path, a, work: Path) -> tuple[list[float], list[float]]:
-    """(step seconds on the logging rank, losses) of one free-running launch."""
+def run_gpt3d(name: str, data: Path, a, work: Path) -> tuple[list[float], list[float], str]:
+    """(step seconds on the logging rank, losses, the data-parallel wrapper used) of one
+    free-running launch."""
     overrides, peer = LAYOUTS[name]
     args = [*model_args(data, a), "--training.grad_clip=0", *overrides]
     spec = {"args": args, "warmup": a.warmup, "steps": a.steps, "barrier": False}
     ranks = launch(peer.world, {"case": spec}, work)["case"]
     log = ranks[logging_rank(peer.world, peer.pp)]
-    return log["step_s"], log["losses"]
+    return log["step_s"], log["losses"], log["dp_mode"]
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def alternate(names: list[str], picotron: Path | None, data: Path, a, work: Path
     for name in names:
         by_peer.setdefault(LAYOUTS[name][1], []).append(name)
     model_dir = picotron_inputs(work) if picotron else None
-    out = {"gpt3d": {}, "picotron": {}}
+    out = {"gpt3d": {}, "picotron": {}, "dp_mode": {}}
     for r in range(a.rounds):
         for peer, rows in by_peer.items():
             runs = [("picotron", peer.key)] if picotron else []
@@ -128,7 +129,7 @@ def alternate(names: list[str], picotron: Path | None, data: Path, a, work: Path
                 )
                 sub = work / f"r{r}_{side}_{re.sub(r'[^A-Za-z0-9]+', '_', key)}"
                 if side == "gpt3d":
-                    result = run_gpt3d(key, data, a, sub)
+                    *result, out["dp_mode"][key] = run_gpt3d(key, data, a, sub)
                 else:  # runs in `work`, where its weights file is
                     result = run_picotron(picotron, peer, model_dir, data, a, work)
                 out[side].setdefault(key, []).append(result)
@@ -159,6 +160,7 @@ def summarize(names: list[str], out: dict, recorded: dict | None) -> list[dict]:
             "gpt3d_steps_s": [t for ts, _ in mine for t in ts],
             "gpt3d_parity": max_dev(mine, out["gpt3d"].get("1 process", [])),
             "issue_ratio": ISSUE_RATIO.get(name),
+            "gpt3d_dp_mode": out["dp_mode"][name] if peer.dp > 1 else None,
         }
         theirs = out["picotron"].get(peer.key)
         if theirs:
@@ -189,7 +191,8 @@ def recorded_peer() -> tuple[dict, str] | tuple[None, None]:
 
 def report(rows: list[dict], a, info: dict, measured: bool, date: str | None, flops: dict):
     cols = columns(
-        "layout:layout:s; world:procs:d; gpt3d_tokens_per_s:gpt3d tokens/s:,.0f;"
+        "layout:layout:s; world:procs:d; gpt3d_dp_mode:gpt3d dp wrapper:s;"
+        "gpt3d_tokens_per_s:gpt3d tokens/s:,.0f;"
         "picotron_tokens_per_s:picotron tokens/s:,.0f; ratio:gpt3d ÷ picotron:.2f;"
         "issue_ratio:issue 17 ratio:.2f; gpt3d_parity:gpt3d max abs Δ loss vs 1 proc:.1e;"
         "picotron_parity:picotron max abs Δ loss vs its 1 proc:.1e"

@@ -73,21 +73,30 @@ def annotate_phases(trainer) -> dict:
 
 
 def calibrate_axes(trainer, rounds: int = 3) -> None:
-    """Small concurrent all-reduces on each mesh axis (size > 1), one named range per axis."""
+    """Small concurrent all-reduces on every process group of this rank (size > 1; torch
+    may create several for one mesh axis), each inside `bench_calibrate#<axis>#<group>`
+    (<axis>: the mesh axis with the same ranks, else "world" or "pg"). Groups go in the
+    order of their names, which every rank shares, so no two ranks wait on each other."""
+    from torch.distributed.distributed_c10d import _world
     from torch.profiler import record_function
 
     if trainer.mesh is None:
         return
-    for axis in trainer.mesh.mesh_dim_names:
-        if trainer.mesh[axis].size() > 1:
-            group = trainer.mesh[axis].get_group()
-            dist.barrier()
-            with record_function(f"bench_calibrate#{axis}"):
-                for _ in range(rounds):
-                    bufs = [torch.zeros(1) for _ in range(4)]
-                    works = [dist.all_reduce(b, group=group, async_op=True) for b in bufs]
-                    for w in works:
-                        w.wait()
+    axes = {tuple(g["ranks"]): axis for axis, g in mesh_groups(trainer).items()}
+    world = tuple(range(dist.get_world_size()))
+    groups = sorted(_world.pg_names.items(), key=lambda kv: (len(kv[1]), kv[1]))
+    dist.barrier()
+    for group, name in groups:
+        ranks = tuple(dist.get_process_group_ranks(group))
+        if len(ranks) < 2:
+            continue
+        axis = axes.get(ranks, "world" if ranks == world else "pg")
+        with record_function(f"bench_calibrate#{axis}#{name}"):
+            for _ in range(rounds):
+                bufs = [torch.zeros(1) for _ in range(4)]
+                works = [dist.all_reduce(b, group=group, async_op=True) for b in bufs]
+                for w in works:
+                    w.wait()
 
 
 def mesh_groups(trainer) -> dict:

@@ -15,11 +15,13 @@ one label, from the event tree of that thread:
            dtensor (PythonSubclass, redistribute), fsdp (FSDP hooks), loss (gpt3d's
            cross-entropy outside its aten ops), autograd (engine and backward nodes),
            python (module calls, the pipeline schedule, the trainer; gaps).
-Transfers come from gloo: its worker threads (one set per process group, told apart by the
-worker's `bench_calibrate#<axis>` ranges) run the collectives; gloo:send/recv spans are the
-pipeline's p2p. A transfer's busy time runs from its last participant's start (matched
-across ranks: the k-th collective of an axis group, the k-th message of a rank pair) to its
-end; the part of it during which the training thread was not blocked is overlapped.
+Transfers come from gloo: its worker threads (two per process group, told apart by the
+worker's `bench_calibrate#<axis>#<group>` ranges) run the collectives; gloo:send/recv spans
+on the training thread are the pipeline's p2p. Partners are matched across ranks (the k-th
+collective of a process group, the k-th message of a rank pair) to find when the last one
+joined. A collective's busy time runs from that join to its end on the worker thread; the
+part of it during which the training thread was not blocked is overlapped. A p2p span ends
+when its work is waited for, not when its bytes land, so p2p gets bytes and exposure only.
 Axes: dp (dp_shard, dp_replicate), tp, pp, and two purposes: tied (the tied-embedding
 exchange, `phase:tied`) and other (collectives outside forward/backward: loss, grad norm).
 """
@@ -39,7 +41,7 @@ OVERHEAD_KINDS = [
     (
         re.compile(
             r"^(PythonSubclass|Redistribute|NestedRedistribute|_ToTorchTensor|"
-            r"_FromTorchTensor)"
+            r"_FromTorchTensor|_c10d_functional::_wrap_tensor_autograd)"
         ),
         "dtensor",
     ),
@@ -48,6 +50,12 @@ OVERHEAD_KINDS = [
     (re.compile(r"^(autograd::|torch::autograd::|\w+Backward\d*$)"), "autograd"),
 ]
 MERGE_US = 1000.0  # a wait may return up to 1 ms after its transfer ends (thread wake-up)
+LAUNCH_US = 20000.0  # a gloo worker may start a collective up to 20 ms after its launch
+NOT_LAUNCH = {"_c10d_functional::_wrap_tensor_autograd"}  # DTensor's wrapping of a result
+
+
+def is_launch(name: str) -> bool:
+    return name.startswith(("c10d::", "_c10d_functional::")) and name not in NOT_LAUNCH | WAITS
 
 
 @dataclass
@@ -60,6 +68,8 @@ class Op:
     kind: str  # gloo event name
     axis: str = "unmapped"
     peer: int | None = None  # p2p: the other global rank
+    pg: str = "p2p"  # the process group (collectives: from the calibration ranges)
+    nbytes: int = 0  # this rank's input tensor
     join: float = 0.0  # when the last participant started (set by match_ops)
     purpose: str = "axis"  # axis, tied, other
 
@@ -94,13 +104,13 @@ def load_rank(trace: Path, record: dict) -> Rank:
 def _ops(xs: list, tid, r: Rank) -> list[Op]:
     """Transfers of this rank with their axis: worker threads mapped by the calibration
     ranges, p2p messages with their peer from the c10d::send / recv_ that posted them."""
-    threads = {}
+    threads = {}  # gloo worker thread -> (mesh axis, process group)
     for cal in (e for e in xs if e["name"].startswith("bench_calibrate#")):
-        axis = cal["name"].split("#", 1)[1]
+        _, axis, pg = cal["name"].split("#")
         for e in xs:
             inside = cal["ts"] <= e["ts"] <= cal["ts"] + cal["dur"]
             if e["tid"] != tid and e["name"].startswith("gloo:") and inside:
-                threads[e["tid"]] = axis
+                threads[e["tid"]] = (axis, pg)
     posts = sorted(
         (e for e in xs if e["tid"] == tid and e["name"] in ("c10d::send", "c10d::recv_")),
         key=lambda e: e["ts"],
@@ -110,18 +120,31 @@ def _ops(xs: list, tid, r: Rank) -> list[Op]:
     for e in xs:
         if not e["name"].startswith("gloo:") or e["name"] == "gloo:barrier":
             continue
-        op = Op(e["ts"], e["ts"] + e["dur"], e["tid"], e["name"])
+        op = Op(e["ts"], e["ts"] + e["dur"], e["tid"], e["name"], nbytes=_nbytes(e))
         if e["tid"] == tid:  # a p2p span: posted by the c10d op that ends where it starts
             post = min(posts, key=lambda p: abs(p["ts"] + p["dur"] - e["ts"]))
             peer = int(post["args"]["Concrete Inputs"][2])
             op.axis, op.peer = "pp", pp_ranks[peer] if pp_ranks else peer
         else:
-            op.axis = threads.get(e["tid"], "unmapped")
+            op.axis, op.pg = threads.get(e["tid"], ("unmapped", f"thread{e['tid']}"))
         ops.append(op)
     for op in ops:
         op.join = op.start
         op.purpose = _purpose(r.phases, op.start)
     return sorted(ops, key=lambda o: o.start)
+
+
+ITEM = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4}
+
+
+def _nbytes(e: dict) -> int:
+    """Bytes of the first input of a gloo event (record_shapes)."""
+    args = e.get("args", {})
+    dims, kind = (args.get("Input Dims") or [[]])[0], (args.get("Input type") or [""])[0]
+    n = 1
+    for d in dims:
+        n *= d if isinstance(d, int) else 1
+    return n * ITEM.get(kind, 1) if dims else 0
 
 
 def _purpose(phases: list, t: float) -> str:
@@ -135,12 +158,12 @@ def match_ops(ranks: dict[int, Rank]) -> int:
     """Set each transfer's join time from its partners on the other ranks; returns how many
     transfers found no partner (their join stays their own start)."""
     unmatched = 0
-    # collectives: the k-th on an axis group, group identified by its member ranks
-    seqs = defaultdict(dict)
+    # collectives: the k-th of a process group on each of its members (names are global)
+    seqs = defaultdict(lambda: defaultdict(list))
     for r in ranks.values():
-        for axis, g in r.groups.items():
-            mine = [o for o in r.ops if o.peer is None and o.axis == axis]
-            seqs[(axis, tuple(g["ranks"]))][r.rank] = mine
+        for o in r.ops:
+            if o.peer is None and not o.pg.startswith("thread"):
+                seqs[o.pg][r.rank].append(o)
     for members in seqs.values():
         lengths = {len(v) for v in members.values()}
         if len(lengths) != 1:
@@ -186,7 +209,7 @@ def awaited(r: Rank, a: float, b: float) -> Op | None:
 
 def launched(r: Rank, a: float, b: float) -> Op | None:
     """The transfer a launch op [a, b] started: the first one starting at or after a."""
-    later = [o for o in r.ops if a <= o.start <= b + MERGE_US]
+    later = [o for o in r.ops if a <= o.start <= b + LAUNCH_US]
     return min(later, key=lambda o: o.start) if later else None
 
 
@@ -227,7 +250,7 @@ class StepLabels:
         name, a, b = e["name"], e["ts"], e["ts"] + e["dur"]
         if name in WAITS:
             return self.wait(a, b)
-        if name.startswith(("c10d::", "_c10d_functional::")):
+        if is_launch(name):
             self.blocked.append((a, b))
             self.time["comm:" + column(launched(self.r, a, b))] += b - a
             return None
@@ -257,10 +280,7 @@ class StepLabels:
 
 def _has_comm(children: list) -> bool:
     return any(
-        c[0]["name"] in WAITS
-        or c[0]["name"].startswith(("c10d::", "_c10d_functional::"))
-        or _has_comm(c[1])
-        for c in children
+        c[0]["name"] in WAITS or is_launch(c[0]["name"]) or _has_comm(c[1]) for c in children
     )
 
 
@@ -290,12 +310,14 @@ def step_breakdown(r: Rank, step: dict) -> dict:
     """ms per label, communication busy and overlapped ms per column, phase walls."""
     a, b = step["ts"], step["ts"] + step["dur"]
     labels = StepLabels(r)
-    (root,) = [n for n in tree([e for e in r.events if a <= e["ts"] < b]) if n[0] is not None][:1]
+    root = tree([e for e in r.events if a <= e["ts"] < b])[0]  # the bench_step range
     labels.node(root, [], False)
-    spans = defaultdict(list)
+    spans, moved = defaultdict(list), defaultdict(float)
     for o in r.ops:
+        if a <= o.start < b and o.kind != "gloo:recv":  # bytes sent or handed to a collective
+            moved[column(o)] += o.nbytes / 2**20
         lo, hi = max(a, o.join), min(b, o.end)
-        if hi > lo:
+        if hi > lo and o.peer is None:  # a p2p span ends when its work is waited for
             spans[column(o)].append((lo, hi))
     phases = defaultdict(float)
     for e in r.events:
@@ -308,6 +330,7 @@ def step_breakdown(r: Rank, step: dict) -> dict:
         "busy": {k: sum(y - x for x, y in union(v)) * ms for k, v in spans.items()},
         "overlapped": {k: minus(v, labels.blocked) * ms for k, v in spans.items()},
         "phases": {k: v * ms for k, v in phases.items()},
+        "MiB": dict(moved),
         "aten": {k: v * ms for k, v in labels.aten.items()},
         "residual": (step["dur"] - sum(labels.time.values())) * ms,
     }
@@ -329,7 +352,7 @@ def analyze(case_dir: Path, top: int = 8) -> dict:
         steps = [step_breakdown(ranks[i], s) for s in ranks[i].steps]
         row = {
             k: mean_dicts([s[k] for s in steps])
-            for k in ("time", "busy", "overlapped", "phases", "aten")
+            for k in ("time", "busy", "overlapped", "phases", "aten", "MiB")
         }
         row["aten"] = dict(sorted(row["aten"].items(), key=lambda kv: -kv[1])[:top])
         row.update(

@@ -192,6 +192,7 @@ def run_case(spec: dict, out: Path) -> None:
         "rank": trainer.env.rank,
         "world": trainer.env.world_size,
         "layout": trainer.dims.describe(),
+        "dp_mode": trainer.cfg.parallel.dp_mode,  # what parallel.dp_mode = "auto" chose
         "tokens_per_step": trainer.tokens_per_step(),
         "step_s": steps,
         "fwd_bwd_s": fb,
