@@ -33,7 +33,10 @@ class GlobalMeanLoss:
         self.global_tokens, self.vocab_size = global_tokens, vocab_size
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return token_loss_sum(logits, targets, self.vocab_size) / self.global_tokens
+        # Inside a compiled stage the loss is compiled with it on GPUs; on CPUs inductor's
+        # softmax over the vocabulary runs ~3x slower than ATen's, so it stays eager there.
+        loss_sum = _eager_token_loss_sum if logits.device.type == "cpu" else token_loss_sum
+        return loss_sum(logits, targets, self.vocab_size) / self.global_tokens
 
 
 def token_loss_sum(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
@@ -53,6 +56,9 @@ def token_loss_sum(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
     return _VocabCrossEntropy.apply(
         local.reshape(-1, local.shape[-1]), targets, offset[-1], vocab_size, mesh.get_group()
     )
+
+
+_eager_token_loss_sum = torch.compiler.disable(token_loss_sum)
 
 
 class _VocabCrossEntropy(torch.autograd.Function):
