@@ -5,7 +5,10 @@ real processes (spawned with torch.multiprocessing, OMP_NUM_THREADS=1).
 
 Each collective is timed at two sizes; the fit t = latency + factor * bytes / busbw (factor
 as in hardware.Link.time) gives the link. Inter-node numbers cannot be measured on one
-machine: the profile repeats the intra-node link there (the source field says so).
+machine: the profile repeats the intra-node link there (the source field says so). The
+collectives are timed again with twice as many processes as cores (`crowded`: time-sliced
+peers answer late), and gpt3d's framework overheads per step, block and pipeline action are
+fitted from a tiny model's real steps (gpt3d/planner/overheads.py).
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def _op(dist, name: str):
     return getattr(dist, new, None) or getattr(dist, old)
 
 
+def _p2p(dist, tensor: torch.Tensor, rank: int) -> None:
+    """Rank 0 sends to rank 1; other ranks only take part in the barriers."""
+    if rank < 2:
+        (dist.send if rank == 0 else dist.recv)(tensor, 1 - rank)
+
+
 def _time_op(dist, op: str, nbytes: int, rank: int, world: int, reps: int) -> float:
     numel = nbytes // 4
     full, part = torch.ones(numel), torch.ones(numel // world)
@@ -82,7 +91,7 @@ def _time_op(dist, op: str, nbytes: int, rank: int, world: int, reps: int) -> fl
         "all_reduce": lambda: dist.all_reduce(full),
         "all_gather": lambda: _op(dist, "all_gather")(full, part),
         "reduce_scatter": lambda: _op(dist, "reduce_scatter")(part, full),
-        "p2p": lambda: (dist.send if rank == 0 else dist.recv)(full, 1 - rank),
+        "p2p": lambda: _p2p(dist, full, rank),
     }[op]
     times = []
     for _ in range(reps + 2):
@@ -132,8 +141,22 @@ def fit_link(times: dict[str, list[float]], world: int) -> Link:
     return Link(latency_s=statistics.median(lats), **bws)
 
 
-def measure_cpu_profile(world: int = 2) -> HardwareProfile:
-    """The whole calibration (~5 s on a 2-core box)."""
+def measure_cpu_profile(world: int = 2, overheads: bool = True) -> HardwareProfile:
+    """The whole calibration (~1 min on a 2-core box; ~10 s without the overheads)."""
+    from dataclasses import replace
+
+    profile = _hardware(world)
+    if profile.cores and 2 * profile.cores > world:  # more processes than cores
+        crowd = 2 * profile.cores
+        profile = replace(profile, crowded=fit_link(run_processes(crowd)["collectives"], crowd))
+    if overheads:
+        from gpt3d.planner.overheads import measure_overheads
+
+        profile = replace(profile, overhead_s=measure_overheads(profile))
+    return profile
+
+
+def _hardware(world: int) -> HardwareProfile:
     torch.set_num_threads(1)
     fp32, bf16 = matmul_tflops(torch.float32), matmul_tflops(torch.bfloat16)
     measured = run_processes(world)
@@ -151,6 +174,7 @@ def measure_cpu_profile(world: int = 2) -> HardwareProfile:
         intra=link,
         inter=link,
         compute_efficiency=efficiency,
+        efficiency_alone=alone,
         comm_overlap=0.0,
         shared_memory=True,
         cores=cores,
@@ -159,6 +183,7 @@ def measure_cpu_profile(world: int = 2) -> HardwareProfile:
             f"({platform.processor() or platform.machine()}, {cores} cores), {when}, "
             f"torch {torch.__version__}, {world} gloo processes, 1 thread each; compute "
             f"efficiency {efficiency:.2f} with every process busy ({alone:.2f} alone); inter-node "
-            "link = intra-node (not measurable on one machine)"
+            "link = intra-node (not measurable on one machine); crowded = the collectives with "
+            "2 processes per core; overhead_s = gpt3d's framework costs on a tiny model"
         ),
     )

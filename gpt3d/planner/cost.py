@@ -51,6 +51,7 @@ class TimeBreakdown:
     dp_comm: float  # the exposed part
     optimizer: float
     dp_comm_total: float = 0.0  # before overlap
+    overhead: float = 0.0  # framework work per op (calibrated CPU profiles only)
 
     @property
     def step(self) -> float:
@@ -61,6 +62,7 @@ class TimeBreakdown:
             + self.pp_comm
             + self.dp_comm
             + self.optimizer
+            + self.overhead
         )
 
 
@@ -83,14 +85,40 @@ def estimate_time(w: Workload, lay: Layout, cluster: Cluster, dp_exposed: float 
     slow = max(work, key=lambda r: r.compute + r.tp_comm)
     biggest = max(work, key=lambda r: r.numel)  # holds the most parameters: the most traffic
     n = lay.n_microbatches
-    bubble = bubble_units(lay.schedule, lay.pp, lay.stages_per_rank) * (slow.compute + slow.tp_comm)
+    per_mb, per_step = overheads(lay, cluster, slow.blocks)
+    busy = slow.compute + slow.tp_comm + per_mb  # one microbatch on the slowest rank
+    bubble = bubble_units(lay.schedule, lay.pp, lay.stages_per_rank) * busy
     total = dp_comm(w, lay, cluster, biggest.numel) / cluster.compute_share
     hideable = cluster.hw.comm_overlap * slow.compute * (1 if lay.pp > 1 else n)
     floor = dp_exposed if dp_exposed is not None else 1.0 / (biggest.blocks + 2)
     exposed = max(total - hideable, floor * total)
     pp = pp_comm(w, lay, cluster) / cluster.compute_share
     optimizer = optimizer_time(lay, cluster, biggest.numel)
-    return TimeBreakdown(n * slow.compute, n * slow.tp_comm, bubble, pp, exposed, optimizer, total)
+    return TimeBreakdown(
+        n * slow.compute,
+        n * slow.tp_comm,
+        bubble,
+        pp,
+        exposed,
+        optimizer,
+        total,
+        n * per_mb + per_step,
+    )
+
+
+def overheads(lay: Layout, cluster: Cluster, blocks: int) -> tuple[float, float]:
+    """(seconds per microbatch, per step) of framework work from a calibrated profile's
+    overhead_s (gpt3d/planner/overheads.py): per block and microbatch, the plain cost plus
+    the tp / FSDP / DDP wrapper's; per step, a fixed part plus pipeline schedule actions
+    (an F and a B per local stage and microbatch)."""
+    o = cluster.hw.overhead_s
+    if not o:
+        return 0.0, 0.0
+    fsdp, ddp = lay.dp > 1 and lay.dp_mode == "fsdp", lay.dp > 1 and lay.dp_mode == "ddp"
+    block = o["block"] + o["tp"] * (lay.tp > 1) + o["fsdp"] * fsdp + o["ddp"] * ddp
+    actions = 2 * lay.microbatches * lay.stages_per_rank if lay.pp > 1 else 0
+    share = cluster.compute_share
+    return blocks * block / share, (o["step"] + actions * o["pp_action"]) / share
 
 
 def optimizer_time(lay: Layout, cluster: Cluster, numel: float) -> float:
@@ -103,23 +131,38 @@ def rank_work(w: Workload, lay: Layout, cluster: Cluster, rank: int, splits) -> 
     cfg, s = w.model, w.seq_len
     tokens = lay.microbatch_size(w.global_batch) * s
     counts = ParamCounts.of(cfg, lay.tp)
-    rate = cluster.hw.peak_flops(w.dtype) * cluster.hw.compute_efficiency * cluster.compute_share
+    rate = cluster.hw.peak_flops(w.dtype) * cluster.efficiency * cluster.compute_share
     C, V, mm = cfg.n_embd, cfg.padded_vocab_size, 12 * cfg.n_embd**2
     coll = tp_collective(w, lay, cluster, tokens)
     stages = local_stages(lay.schedule, rank, lay.pp, lay.stages_per_rank) if lay.pp > 1 else [0]
     flops = comm = numel = 0.0
     blocks = 0
+    moe_mm = 4 * C * C + C * cfg.n_experts + 2 * cfg.moe_top_k * C * cfg.expert_hidden
     for st in stages:
         layers = splits[st]
         k = checkpointed(lay, layers, w.ac_every)
         last = st == lay.n_stages - 1
-        flops += len(layers) * (6 * mm + 12 * C * s) + k * (2 * mm + 4 * C * s)
-        flops += 6 * V * C * last
-        comm += (4 * len(layers) + 2 * k + (st == 0) + last) * coll
+        moe = sum(cfg.is_moe_layer(i) for i in layers)
+        flops += (len(layers) - moe) * 6 * mm + moe * 6 * moe_mm + len(layers) * 12 * C * s
+        flops += k * (2 * mm + 4 * C * s) + 6 * V * C * last
+        # a MoE block's experts all-reduce k routed copies of each token over tp (forward
+        # output, backward input gradient) instead of the MLP's one
+        comm += (4 * len(layers) + 2 * k + (st == 0) + last + 2 * moe * (cfg.moe_top_k - 1)) * coll
+        comm += 4 * moe * ep_all_to_all(w, lay, cluster, tokens)
         comm += 3 * last * tp_link(lay, cluster).time("all_reduce", lay.tp, 4 * tokens)
-        numel += stage_params(cfg, counts, lay, st, len(layers))[0]
+        numel += stage_params(cfg, counts, lay, st, layers)[0]
         blocks += len(layers)
     return RankWork(flops * tokens / lay.tp / rate, comm / cluster.compute_share, numel, blocks)
+
+
+def ep_all_to_all(w: Workload, lay: Layout, cluster: Cluster, tokens: int) -> float:
+    """One all-to-all of the routed rows (tokens x top_k, C) over ep (dispatch or combine,
+    forward or backward): (ep - 1) / ep of them leave, at the point-to-point bandwidth."""
+    if lay.ep == 1:
+        return 0.0
+    link = cluster.link(lay.tp, lay.ep)  # ep is dp_shard's innermost part, next to tp
+    nbytes = tokens * w.model.moe_top_k * w.model.n_embd * DTYPE_BYTES[w.dtype]
+    return link.latency_s + (lay.ep - 1) / lay.ep * nbytes / (link.p2p * GB)
 
 
 def tp_link(lay: Layout, cluster: Cluster):

@@ -59,6 +59,12 @@ class HardwareProfile:
     shared_memory: bool = False  # CPU: mem_gib is shared by the processes of a node
     cores: int = 0  # CPU: cores per node; processes beyond it time-slice
     source: str = ""
+    # CPU (--calibrate): gloo's collectives measured with twice as many processes as cores,
+    # used when a node runs more processes than it has cores (time-sliced peers answer late)
+    crowded: Link | None = None
+    # CPU (--calibrate): framework seconds per step / block / action (gpt3d/planner/overheads.py)
+    overhead_s: dict = field(default_factory=dict)
+    efficiency_alone: float = 0.0  # CPU: compute_efficiency of one process on an idle node
 
     def peak_flops(self, dtype: str) -> float:
         if dtype not in self.peak_tflops:
@@ -70,7 +76,7 @@ class HardwareProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> HardwareProfile:
-        links = {k: Link(**d[k]) for k in ("intra", "inter") if k in d}
+        links = {k: Link(**d[k]) for k in ("intra", "inter", "crowded") if d.get(k)}
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -149,6 +155,8 @@ def override(profile: HardwareProfile, **changes) -> HardwareProfile:
     compute_efficiency."""
     intra, inter = changes.pop("intra_gbps", None), changes.pop("inter_gbps", None)
     kept = {k: v for k, v in changes.items() if v is not None}
+    if "compute_efficiency" in kept:
+        kept["efficiency_alone"] = 0.0  # the override holds for every process count
     if intra is not None:
         kept["intra"] = Link.uniform(intra, profile.intra.latency_s)
     if inter is not None:
@@ -188,9 +196,23 @@ class Cluster:
             return 1.0
         return min(1.0, self.hw.cores / min(self.per_node, self.n_devices))
 
+    @property
+    def crowded(self) -> bool:
+        """More processes on a node than cores (CPU): peers are time-sliced."""
+        return bool(self.hw.cores) and min(self.per_node, self.n_devices) > self.hw.cores
+
+    @property
+    def efficiency(self) -> float:
+        """Achieved / peak FLOP/s: CPU nodes running fewer processes than cores reach the
+        single-process figure (no neighbour shares caches and memory bandwidth)."""
+        alone = self.hw.efficiency_alone and min(self.per_node, self.n_devices) < self.hw.cores
+        return self.hw.efficiency_alone if alone else self.hw.compute_efficiency
+
     def link(self, stride: int, size: int) -> Link:
         """The link a mesh axis uses: ranks base + k*stride (k < size) stay in one node when
         the group's span tiles a node; otherwise its ring crosses the network."""
+        if self.crowded and self.hw.crowded is not None:
+            return self.hw.crowded
         span = stride * size
         inside = span <= self.per_node and self.per_node % span == 0
         return self.hw.intra if inside or self.nodes == 1 else self.hw.inter

@@ -75,6 +75,7 @@ class Layout:
     grad_accum: int = 1
     ac: str = "none"
     sequence_parallel: bool = False
+    ep: int = 1  # expert parallel (MoE): borrowed from dp_shard, not a factor of the world
 
     @property
     def dp(self) -> int:
@@ -109,6 +110,11 @@ class Layout:
             return "-"
         return self.schedule + (f"/v{self.stages_per_rank}" if self.stages_per_rank > 1 else "")
 
+    @property
+    def efsdp(self) -> int:
+        """FSDP degree of the experts (what dp_shard leaves after ep)."""
+        return self.dp_shard // self.ep
+
 
 def gpt3d_layout_error(w: Workload, lay: Layout) -> str | None:
     """gpt3d's own verdict on a layout: None if recipes/train.py would accept it, else its
@@ -138,6 +144,7 @@ def parallel_config(lay: Layout):
         pp_stages_per_rank=lay.stages_per_rank,
         sequence_parallel=lay.sequence_parallel,
         dp_mode=lay.dp_mode,
+        ep=lay.ep,
     )
 
 
@@ -225,7 +232,16 @@ def enumerate_layouts(w: Workload, world: int, per_node: int, space: SearchSpace
             ):
                 for ac in space.ac_modes:
                     for sp in sps:
-                        yield Layout(pp, rep, shard, tp, mode, name, v, m, ga, ac, sp)
+                        for ep in expert_degrees(w, shard, mode):
+                            yield Layout(pp, rep, shard, tp, mode, name, v, m, ga, ac, sp, ep)
+
+
+def expert_degrees(w: Workload, dp_shard: int, mode: str) -> list[int]:
+    """ep for a MoE model: divisors of dp_shard that divide the experts (FSDP only)."""
+    E = w.model.n_experts
+    if not E or mode != "fsdp":
+        return [1]
+    return [e for e in divisors(dp_shard) if E % e == 0]
 
 
 # ------------------------------------------------------------------------------ command
@@ -233,7 +249,7 @@ def enumerate_layouts(w: Workload, world: int, per_node: int, space: SearchSpace
 
 TRAINING_KEYS = ("global_batch_size", "seq_len", "grad_accum", "dtype",
                  "activation_checkpointing", "ac_every")  # fmt: skip
-PARALLEL_KEYS = ("dp_replicate", "dp_shard", "pp", "tp", "dp_mode", "pp_schedule",
+PARALLEL_KEYS = ("dp_replicate", "dp_shard", "pp", "tp", "ep", "dp_mode", "pp_schedule",
                  "pp_microbatches", "pp_stages_per_rank", "sequence_parallel")  # fmt: skip
 
 
@@ -256,6 +272,7 @@ def layout_args(w: Workload, lay: Layout) -> list[str]:
     keys = ["dp_replicate", "dp_shard", "pp", "tp", "dp_mode"]
     keys += ["pp_schedule", "pp_microbatches", "pp_stages_per_rank"] if lay.pp > 1 else []
     keys += ["sequence_parallel"] if lay.tp > 1 else []
+    keys += ["ep"] if lay.ep > 1 else []
     values = parallel_config(lay)
     args = [f"--parallel.{k}={_arg(getattr(values, k))}" for k in keys]
     args += [f"--training.grad_accum={lay.grad_accum}"] if lay.grad_accum > 1 else []

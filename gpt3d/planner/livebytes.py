@@ -11,7 +11,9 @@ tensors; benchmarks/bench_planner.py on real ones, for the same numbers from a r
 IndexArithmetic is for fake worlds: a fake tensor has no values, so index arithmetic that
 Python reads back (DeviceMesh coordinates, shard offsets, pipeline votes) runs on real
 tensors: ops whose tensor arguments are all real, and small integer tensors made from
-nothing, stay real; a data-dependent size (nonzero) takes its upper bound.
+nothing, stay real; a data-dependent size (nonzero) takes its upper bound; a data-dependent
+choice (topk: MoE routing) is balanced, and an all-to-all of real metadata (tokens per
+expert) returns what this rank sent, as every rank of a balanced world would.
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ class IndexArithmetic(TorchDispatchMode):
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         fake = any(isinstance(t, FakeTensor) or t.is_meta for t in tensors)  # meta: to_empty
         if tensors and not fake:
+            if func is torch.ops.c10d.alltoall_base_.default:  # e.g. MoE token counts:
+                args[0].copy_(args[1])  # every rank sends what this one does (balanced)
             with unset_fake_temporarily():  # e.g. a DeviceMesh's rank tensor
                 return func(*args, **kwargs)
+        if func is torch.ops.aten.topk.default:  # data-dependent choice: balanced
+            return _balanced_topk(func, args, kwargs)
         if func is torch.ops.aten.nonzero.default:  # (numel, ndim): every element non-zero
             x = args[0]
             return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
@@ -63,6 +69,22 @@ class IndexArithmetic(TorchDispatchMode):
             with unset_fake_temporarily():  # torch.arange / zeros of offsets and votes
                 return func(*args, **kwargs)
         return out
+
+
+def _balanced_topk(func, args, kwargs):
+    """topk of fake scores: the values' shape from fake, indices real and spread evenly
+    (row n takes n*k .. n*k+k-1 mod the dim's size): MoE routing every expert the same
+    number of tokens, the planner's assumption."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    values, _ = func(*args, **kwargs)
+    x, k = args[0], args[1]
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else -1) % x.dim()
+    with unset_fake_temporarily():
+        rows = torch.arange(values.numel() // k).unsqueeze(1) * k + torch.arange(k)  # (R, k)
+        shape = [*values.shape[:dim], *values.shape[dim + 1 :], k]
+        idx = (rows % x.shape[dim]).reshape(shape).movedim(-1, dim).contiguous()
+    return values, idx
 
 
 class LiveBytes(TorchDispatchMode):

@@ -80,28 +80,32 @@ class ParamCounts:
     wpe: float
     ln_f: float
     ln_f_tensors: int
+    moe_block: float = 0.0  # a Mixture-of-Experts block: attention, router, experts / tp
+    moe_block_tensors: int = 0
 
     @classmethod
     def of(cls, cfg: GPTConfig, tp: int) -> ParamCounts:
-        if getattr(cfg, "n_experts", 0):
-            raise ValueError("the planner does not model Mixture-of-Experts blocks yet")
-        C, b = cfg.n_embd, int(cfg.bias)
-        sharded = 12 * C * C + b * (3 * C + 4 * C)  # q/k/v w+b, c_proj w, c_fc w+b, c_proj w
-        replicated = 2 * (C + b * C) + b * 2 * C  # ln_1, ln_2, row-parallel biases
-        return cls(
-            sharded / tp + replicated,
-            8 * (1 + b),
-            cfg.padded_vocab_size * C / tp,
-            cfg.block_size * C,
-            C + b * C,
-            1 + b,
-        )
+        C, b, E = cfg.n_embd, int(cfg.bias), cfg.n_experts
+        attn = (4 * C * C + b * 3 * C) / tp + 2 * (C + b * C) + b * C  # + ln_1, ln_2, c_proj.b
+        mlp = (8 * C * C + b * 4 * C) / tp + b * C  # c_fc w+b, c_proj w; c_proj.b replicated
+        # router (E, C) replicated over tp; experts w1 (E, C, H), w2 (E, H, C): hidden over
+        # tp, experts over ep (FSDP then divides them by efsdp: ep x efsdp = dp_shard)
+        moe = attn + E * C + 2 * E * C * cfg.expert_hidden / tp
+        return cls(attn + mlp, 8 * (1 + b), cfg.padded_vocab_size * C / tp, cfg.block_size * C,
+                   C + b * C, 1 + b, moe if E else 0.0, 6 * (1 + b) + 3)  # fmt: skip
+
+    def block_of(self, cfg: GPTConfig, i: int) -> tuple[float, int]:
+        """(elements, tensors) of block i."""
+        if cfg.is_moe_layer(i):
+            return self.moe_block, self.moe_block_tensors
+        return self.block, self.block_tensors
 
 
-def stage_params(cfg: GPTConfig, counts: ParamCounts, lay: Layout, stage: int, n_layers: int):
+def stage_params(cfg: GPTConfig, counts: ParamCounts, lay: Layout, stage: int, layers: range):
     """(elements, tensors, non-block elements) of one stage on one tp rank."""
     first, last = stage == 0, stage == lay.n_stages - 1
-    numel, tensors = n_layers * counts.block, n_layers * counts.block_tensors
+    blocks = [counts.block_of(cfg, i) for i in layers]
+    numel, tensors = sum(n for n, _ in blocks), sum(t for _, t in blocks)
     root = 0.0
     if first:
         root += counts.wte + counts.wpe
@@ -123,6 +127,7 @@ class ActTerms:
     layer_ckpt: float  # one checkpointed block: its input
     embed: float  # stage 0: token ids (int64) (+ dropout mask)
     head: float  # last stage: ln_f input and stats, lm_head input, the logits (their gradient)
+    moe_layer: float = 0.0  # a MoE block (balanced routing: k rows per token)
 
     @classmethod
     def of(cls, w: Workload, lay: Layout) -> ActTerms:
@@ -136,7 +141,16 @@ class ActTerms:
         layer = C * (2 * res / sp + 2 * a + 12 * a / tp) + stats + drop
         embed = 8 + (C / sp if cfg.dropout > 0 else 0.0)
         head = C * (res / sp + a) + 8 / sp + a * V / tp  # gpt3d.loss keeps the logits' bytes
-        return cls(layer, C * res / sp, embed, head)
+        # MoE in place of the MLP: fp32 router scores (E), expert ids and orders (int64),
+        # per routed row its gathered input and fp32 output (C), hidden and GELU out (H / tp)
+        k, E, Hx = cfg.moe_top_k, cfg.n_experts, cfg.expert_hidden
+        moe = layer - 8 * a * C / tp + 2 * 4 * E + 28 * k + k * C * (a + 4) + 2 * k * Hx * a / tp
+        return cls(layer, C * res / sp, embed, head, moe if E else 0.0)
+
+    def block(self, cfg: GPTConfig, i: int, ckpt: bool) -> float:
+        if ckpt:
+            return self.layer_ckpt
+        return self.moe_layer if cfg.is_moe_layer(i) else self.layer
 
 
 def autocast(w: Workload, lay: Layout) -> bool:
@@ -145,11 +159,12 @@ def autocast(w: Workload, lay: Layout) -> bool:
 
 
 def checkpointed(lay: Layout, layers: range, ac_every: int) -> int:
-    if lay.ac == "full":
-        return len(layers)
-    if lay.ac == "selective":
-        return sum(1 for i in layers if i % ac_every == 0)
-    return 0
+    return sum(is_checkpointed(lay, i, ac_every) for i in layers)
+
+
+def is_checkpointed(lay: Layout, i: int, ac_every: int) -> bool:
+    """gpt3d checkpoints every block (full) or blocks i with i % ac_every == 0 (selective)."""
+    return lay.ac == "full" or lay.ac == "selective" and i % ac_every == 0
 
 
 def estimate_memory(w: Workload, lay: Layout) -> MemoryBreakdown:
@@ -178,11 +193,11 @@ def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> Memor
     numel = tensors = root = 0.0
     alive, blocks_mb, last_ckpt = [], [], False
     for s in stages:
-        n, t, r = stage_params(w.model, counts, lay, s, len(splits[s]))
+        n, t, r = stage_params(w.model, counts, lay, s, splits[s])
         numel, tensors, root = numel + n, tensors + t, root + r
-        k = checkpointed(lay, splits[s], w.ac_every)
-        last_ckpt = last_ckpt or (k > 0 and checkpointed(lay, splits[s][-1:], w.ac_every) > 0)
-        blocks = (len(splits[s]) - k) * terms.layer + k * terms.layer_ckpt
+        ckpt = [is_checkpointed(lay, i, w.ac_every) for i in splits[s]]
+        last_ckpt = last_ckpt or bool(ckpt and ckpt[-1])
+        blocks = sum(terms.block(w.model, i, c) for i, c in zip(splits[s], ckpt, strict=True))
         blocks_mb.append(tokens * blocks)
         head = terms.head * (s == lay.n_stages - 1)
         alive.append(tokens * (blocks + head + terms.embed * (s == 0)))

@@ -85,7 +85,11 @@ def test_offline_run_logs_the_metrics_records_and_the_config(tmp_path):
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name) == ("gpt3d-tests", "wandb-test")
     logged = {key(i): json.loads(i.value_json) for i in run.config.update if key(i) != "_wandb"}
-    assert logged == config_to_dict(load_config(args))
+    expected_config = config_to_dict(load_config(args))
+    # the config that ran: preflight resolves dp_mode "auto" (one process, a model that fits -> ddp)
+    assert expected_config["parallel"]["dp_mode"] == "auto"
+    expected_config["parallel"]["dp_mode"] = "ddp"
+    assert logged == expected_config
     assert "exit" in kinds  # the run was finished, not abandoned
 
 
