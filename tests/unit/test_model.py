@@ -151,9 +151,7 @@ def test_model_py_has_no_distributed_import():
         ("h.1.ln_1.weight", (24,), (slice(8, 16),)),
     ],
 )
-def test_init_of_a_shard_equals_the_shard_of_the_full_init(
-    name, shape, region, block, monkeypatch
-):
+def test_init_of_a_shard_equals_the_shard_of_the_full_init(name, shape, region, block, monkeypatch):
     """Layout independence of the initial weights: a rank drawing only its region gets the
     whole tensor's values there, wherever the region cuts the blocks."""
     import gpt3d.model as model_lib
