@@ -48,6 +48,9 @@ from common import (  # noqa: E402
     table,
     write_results,
 )
+from common import (
+    model_args as common_model_args,
+)
 
 MOE = ["--model.n_experts=8", "--model.moe_top_k=2"]
 # name -> (processes, MoE?, layout overrides)
@@ -147,22 +150,7 @@ def launch(nproc: int, spec: dict, out: Path) -> dict:
 
 
 def model_args(data: Path, a) -> list[str]:
-    return [
-        f"--data.dataset={data}",
-        "--model.preset=tiny",
-        f"--model.n_layer={a.n_layer}",
-        f"--model.n_head={a.n_head}",
-        f"--model.n_embd={a.n_embd}",
-        f"--model.block_size={a.seq}",
-        f"--model.vocab_size={a.vocab}",
-        "--model.pad_vocab_multiple=64",
-        f"--training.seq_len={a.seq}",
-        f"--training.global_batch_size={a.batch}",
-        "--training.steps=1000000",
-        "--training.warmup_steps=0",
-        "--training.lr=1e-4",
-        "--training.eval_interval=0",
-    ]
+    return common_model_args(data, a, preset="tiny")
 
 
 def slowest(ranks: list[dict]) -> list[float]:

@@ -233,12 +233,12 @@ def gpt2_data(preferred: Path) -> Path:
     return synthetic_data(Path(tempfile.mkdtemp(prefix="gpt3d_bench_")), 50257, 2_000_000)
 
 
-def model_args(data: Path, a) -> list[str]:
+def model_args(data: Path, a, preset: str = "gpt2") -> list[str]:
     """Trainer overrides for the benchmark model; `a` has n_layer, n_head, n_embd, vocab,
     seq, batch."""
     return [
         f"--data.dataset={data}",
-        "--model.preset=gpt2",
+        f"--model.preset={preset}",
         f"--model.n_layer={a.n_layer}",
         f"--model.n_head={a.n_head}",
         f"--model.n_embd={a.n_embd}",

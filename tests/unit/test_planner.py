@@ -72,7 +72,9 @@ def module_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), len(params)
 
 
-@pytest.mark.parametrize("preset, tie", [("gpt2", True), ("gpt2-medium", False), ("mini", True)])
+@pytest.mark.parametrize(
+    "preset, tie", [("gpt2", True), ("gpt2-medium", False), ("mini", True), ("moe-mini", True)]
+)
 def test_one_process_state_equals_the_real_module(preset, tie):
     w = Workload.from_preset(preset, 128, 8, "float32", 64, tie_embeddings=tie)
     with torch.device("meta"):
@@ -80,6 +82,19 @@ def test_one_process_state_equals_the_real_module(preset, tie):
     m = estimate_memory(w, Layout())
     assert m.params == m.grads == 4 * numel
     assert m.optimizer == 8 * numel + 4 * tensors  # exp_avg + exp_avg_sq + fused `step`
+
+
+def test_expert_parallel_moves_experts_not_bytes_under_fsdp():
+    """ep is borrowed from dp_shard: experts split over ep, then FSDP over dp_shard / ep,
+    so every rank still holds 1 / dp_shard of every parameter; ep only adds all-to-alls."""
+    w = Workload.from_preset("moe-mini", 128, 8, "float32", 64)
+    one = estimate_memory(w, Layout())
+    for ep in (1, 2, 4):
+        sharded = estimate_memory(w, Layout(dp_shard=4, ep=ep))
+        assert sharded.params == pytest.approx(one.params / 4, rel=1e-6)
+    cluster = Cluster(4, 4, cpu_profile())
+    t1, t2 = (estimate_time(w, Layout(dp_shard=4, ep=e), cluster) for e in (1, 2))
+    assert t2.tp_comm > t1.tp_comm  # the token all-to-alls
 
 
 def test_optimizer_state_equals_real_adamw():
