@@ -11,6 +11,11 @@ and with pp > 1 a tied embedding exists twice (first stage wte, last stage lm_he
 Activations are measured with autograd's saved-tensor hooks (storage-deduplicated, parameters
 excluded). Resident memory (RSS) is measured too, at start-up and in training, against that
 arithmetic: what a rank really costs the machine (docs/memory.md).
+
+The loss over the logits is measured too, in this process: the peak bytes alive (every
+storage, LiveBytes) during the lm_head matmul, the loss and their backward, above what existed
+before, for gpt3d's loss (gpt3d/loss.py) against the path it replaced (a mask over the padded
+vocabulary, then F.cross_entropy on an fp32 copy) and plain F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -82,6 +87,19 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
     return row
 
 
+def planner_total_MiB(args: list[str], world: int) -> float:
+    """The analytic planner's per-rank total for the fullest rank (gpt3d/planner/memory.py):
+    the arithmetic plus what it knows a layout keeps besides (FSDP's unsharded blocks and
+    root, the logits path)."""
+    from gpt3d.config import load_config
+    from gpt3d.planner.check import workload_and_layout
+    from gpt3d.planner.memory import memory_by_rank
+    from gpt3d.preflight import preflight
+
+    w, lay = workload_and_layout(preflight(load_config(args), world), "cpu")
+    return max(mb.total for mb in memory_by_rank(w, lay)) / MiB
+
+
 def rss_columns(ranks: list[dict]) -> dict:
     """Resident memory (MiB) of the rank that used the most, at start-up and in training,
     above its own baseline, against the arithmetic: parameters at start-up; parameters +
@@ -138,6 +156,63 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+LOSS_PATHS = ("gpt3d (gpt3d/loss.py)", "before: masked_fill + F.cross_entropy(fp32 copy)",
+              "F.cross_entropy (no mask)")  # fmt: skip
+
+
+LOSS_VOCAB = 50257  # GPT-2's: where the logits dominate (small vocabularies fit one chunk)
+
+
+def loss_peak(path: str, tokens: int, n_embd: int, vocab: int, dtype) -> float:
+    """Peak bytes alive above the start during logits = h @ W.T, the loss and backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt3d.loss import token_loss_sum
+    from gpt3d.planner.livebytes import LiveBytes
+
+    padded = -(-vocab // 64) * 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, n_embd, generator=g).to(dtype).requires_grad_()
+    w = (0.02 * torch.randn(padded, n_embd, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    meter = LiveBytes(None)
+    with meter.tracking():
+        start = meter.now
+        logits = h @ w.t()  # (N, V_padded)
+        if path == LOSS_PATHS[0]:
+            loss = token_loss_sum(logits, targets, vocab)
+        elif path == LOSS_PATHS[1]:
+            pad = torch.arange(padded) >= vocab
+            masked = logits.masked_fill(pad, float("-inf"))
+            loss = F.cross_entropy(masked.float(), targets, reduction="sum")
+        else:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+        del logits
+        loss.backward()
+    return meter.peak - start
+
+
+def loss_rows(a) -> list[dict]:
+    import torch
+
+    rows = []
+    tokens, vocab = a.batch * a.seq, LOSS_VOCAB
+    for dtype in (torch.float32, torch.bfloat16):
+        logits_bytes = tokens * (-(-vocab // 64) * 64) * dtype.itemsize
+        peaks = {p: loss_peak(p, tokens, a.n_embd, vocab, dtype) for p in LOSS_PATHS}
+        for path, peak in peaks.items():
+            rows.append({
+                "loss": path,
+                "dtype": str(dtype).removeprefix("torch."),
+                "logits_MiB": logits_bytes / MiB,
+                "peak_MiB": peak / MiB,
+                "peak_x_logits": peak / logits_bytes,
+                "vs_gpt3d": peak / peaks[LOSS_PATHS[0]],
+            })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     p = arg_parser(__doc__)
     add_model_flags(p, n_layer=8)
@@ -153,6 +228,10 @@ def main() -> None:
     results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS)
     ref = row_for("1 process", results["1 process"], None) if "1 process" in results else None
     rows = [row_for(n, results[n], ref) for n in names]
+    for row in rows:  # RSS against what the planner predicts, FSDP's working set included
+        world, layout = MEMORY_LAYOUTS[row["layout"]]
+        row["planner_MiB"] = planner_total_MiB([*base, *layout], world)
+        row["rss_train_x_planner"] = row["rss_train_MiB"] / row["planner_MiB"]
     cols = columns(
         "layout:layout:s; world:procs:d; shards:tp·pp·dp_shard:d;"
         "param_MiB:params:.2f; grad_MiB:grads:.2f; optim_MiB:AdamW:.2f;"
@@ -161,7 +240,13 @@ def main() -> None:
         "act_MiB:activations peak:.2f; act_rel:act × 1 proc:.2f;"
         "rss_base_MiB:RSS baseline:.0f; rss_start_MiB:start-up RSS above base:.0f;"
         "rss_start_x:÷ params:.2f; rss_train_MiB:training RSS above base:.0f;"
-        "rss_train_x:÷ (state + act):.2f"
+        "rss_train_x:÷ (state + act):.2f; planner_MiB:planner total:.0f;"
+        "rss_train_x_planner:÷ planner:.2f"
+    )
+    lrows = loss_rows(a)
+    lcols = columns(
+        "loss:loss path:s; dtype:dtype:s; logits_MiB:one logits tensor MiB:.1f;"
+        "peak_MiB:peak MiB:.1f; peak_x_logits:÷ logits:.2f; vs_gpt3d:× gpt3d:.2f"
     )
     worst = max((r for r in rows if "vs_theory" in r), key=lambda r: r["vs_theory"])
     notes = [
@@ -179,15 +264,22 @@ def main() -> None:
         "start-up peak while building and initialising the model, ÷ its parameter bytes; "
         "training peak over the warm-up and timed steps, ÷ (params + grads + AdamW + saved "
         "activations). Target: both ÷ <= 1.25",
+        "planner total: the analytic planner's prediction for the fullest rank (state + "
+        "activations + the temporaries it models: FSDP's unsharded blocks and root with the "
+        "tied embedding, the logits path); ÷ planner = training RSS above base ÷ it",
+        f"loss table: {a.batch * a.seq} tokens x GPT-2's vocabulary padded to 50304 (whatever "
+        f"--vocab is), hidden {a.n_embd}; peak "
+        "of every storage alive (LiveBytes) from the lm_head matmul through the loss's backward, "
+        "above what existed before (h, W, targets); the gradients of h and W are included",
     ]
-    config = {"args": {k: v for k, v in vars(a).items() if k != "out"}}
+    config = {"args": {k: v for k, v in vars(a).items() if k != "out"}, "loss_rows": lrows}
     write_results(
         a.name,
         "bench_memory: per-rank bytes vs the 1/(tp·pp·dp_shard) theory",
         info,
         config,
         rows,
-        table(rows, cols),
+        table(rows, cols) + "\n\nLoss over the logits (one process):\n\n" + table(lrows, lcols),
         notes,
         Path(a.out),
     )

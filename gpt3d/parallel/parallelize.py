@@ -15,13 +15,14 @@ steps give the plain model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gpt3d.model import GPT
+from gpt3d.model import GPT, INIT_BLOCK_ELEMENTS
 from gpt3d.moe import frozen_moe_stats, moe_layers, reset_moe_state
 from gpt3d.parallel import pipeline as pp_lib
 from gpt3d.parallel.compression import plan_reduction
@@ -155,19 +156,39 @@ def materialize(parts: ModelParts, device: torch.device, weights: Weights) -> No
 def load_weights(model: nn.Module, weights: Weights) -> None:
     """Fill every parameter from weights(name, full_shape, region): each rank asks for just
     its own shard (region: one slice per dim of the full tensor), so no full tensor of a
-    sharded parameter is ever built on a rank."""
+    sharded parameter is ever built on a rank; and it asks piece by piece (rows aligned with
+    the init's blocks), so the transient copy is one ~4 MB piece, not a second shard."""
     from gpt3d.errors import CheckpointError
 
     for name, p in model.named_parameters():
         region = local_region(p)
         local = p.to_local() if hasattr(p, "to_local") else p
-        piece = weights(name, p.shape, region)
-        if tuple(piece.shape) != tuple(local.shape):
-            raise CheckpointError(
-                f"{name}: expected a {tuple(local.shape)} piece of {tuple(p.shape)}, got "
-                f"{tuple(piece.shape)}"
-            )
-        local.copy_(piece.to(local.device, local.dtype))
+        for rows, sub in _pieces(p.shape, region):
+            piece = weights(name, p.shape, sub)
+            target = local[rows] if rows is not None else local
+            if tuple(piece.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{name}: expected a {tuple(target.shape)} piece of {tuple(p.shape)}, got "
+                    f"{tuple(piece.shape)}"
+                )
+            target.copy_(piece.to(local.device, local.dtype))
+
+
+def _pieces(shape: torch.Size, region: tuple):
+    """(local rows, sub-region) pieces of a region, cut along dim 0 at multiples of the
+    init's rows per block (gpt3d.model.INIT_BLOCK_ELEMENTS: each block is drawn once)."""
+    if not shape:
+        yield None, region
+        return
+    lo, hi, _ = region[0].indices(shape[0])
+    step = max(1, INIT_BLOCK_ELEMENTS // max(math.prod(shape[1:]), 1))
+    a = lo
+    while a < hi:
+        b = min(hi, (a // step + 1) * step)
+        yield slice(a - lo, b - lo), (slice(a, b), *region[1:])
+        a = b
+    if hi <= lo:  # an empty shard: one empty piece, as before
+        yield slice(0, 0), region
 
 
 def local_region(param: torch.Tensor) -> tuple[slice, ...]:
