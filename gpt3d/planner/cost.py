@@ -88,11 +88,13 @@ def estimate_time(w: Workload, lay: Layout, cluster: Cluster, dp_exposed: float 
     per_mb, per_step = overheads(lay, cluster, slow.blocks)
     busy = slow.compute + slow.tp_comm + per_mb  # one microbatch on the slowest rank
     bubble = bubble_units(lay.schedule, lay.pp, lay.stages_per_rank) * busy
-    total = dp_comm(w, lay, cluster, biggest.numel) / cluster.compute_share
+    if cluster.crowded:  # more processes than cores: a rank idle in the bubble yields its
+        bubble = 0.0  # core to the others, whose time-sliced work is already in busy / share
+    total = dp_comm(w, lay, cluster, biggest.numel) / cluster.comm_share
     hideable = cluster.hw.comm_overlap * slow.compute * (1 if lay.pp > 1 else n)
     floor = dp_exposed if dp_exposed is not None else 1.0 / (biggest.blocks + 2)
     exposed = max(total - hideable, floor * total)
-    pp = pp_comm(w, lay, cluster) / cluster.compute_share
+    pp = pp_comm(w, lay, cluster) / cluster.comm_share
     optimizer = optimizer_time(lay, cluster, biggest.numel)
     return TimeBreakdown(
         n * slow.compute,
@@ -152,7 +154,7 @@ def rank_work(w: Workload, lay: Layout, cluster: Cluster, rank: int, splits) -> 
         comm += 3 * last * tp_link(lay, cluster).time("all_reduce", lay.tp, 4 * tokens)
         numel += stage_params(cfg, counts, lay, st, layers)[0]
         blocks += len(layers)
-    return RankWork(flops * tokens / lay.tp / rate, comm / cluster.compute_share, numel, blocks)
+    return RankWork(flops * tokens / lay.tp / rate, comm / cluster.comm_share, numel, blocks)
 
 
 def ep_all_to_all(w: Workload, lay: Layout, cluster: Cluster, tokens: int) -> float:

@@ -197,6 +197,12 @@ class Cluster:
         return min(1.0, self.hw.cores / min(self.per_node, self.n_devices))
 
     @property
+    def comm_share(self) -> float:
+        """What communication times are divided by: the compute share, except when the link
+        was itself measured crowded (time-slicing is already in its numbers)."""
+        return 1.0 if self.crowded and self.hw.crowded is not None else self.compute_share
+
+    @property
     def crowded(self) -> bool:
         """More processes on a node than cores (CPU): peers are time-sliced."""
         return bool(self.hw.cores) and min(self.per_node, self.n_devices) > self.hw.cores

@@ -241,7 +241,7 @@ def _bench_layout(name: str) -> Layout:
 
 def _bench_rows(file: str):
     data = json.loads((RESULTS / file).read_text())
-    a = data["config"]["model"]
+    a = data["config"]["args"]  # bench_memory's command line: the model and batch
     w = Workload.from_preset(
         "gpt2",
         a["seq"],
