@@ -288,6 +288,12 @@ def main() -> None:
     if a.part in ("all", "memory"):
         for vocab in (512, 50257):
             record["memory"] += memory_rows(measure_memory(work, vocab), vocab)
+    if a.part != "all":  # keep the other part of the recorded run
+        kept = json.loads((Path(a.out) / "bench_planner.json").read_text())
+        other = "time" if a.part == "memory" else "memory"
+        record[other] = kept[other]
+        if other == "time":
+            record.update(profile=kept["profile"], time_pairs=kept.get("time_pairs"))
     report(record, info, a)
 
 

@@ -99,6 +99,7 @@ class LiveBytes(TorchDispatchMode):
         self.now = self.peak = 0
         self.at_peak: dict[int, int] = {}
         self.saved: dict[int, int] = {}  # id -> saves alive
+        self.saved_bytes: dict[int, int] = {}  # id -> bytes counted when first saved
         self.saved_now = self.saved_peak = self.saved_at_peak = 0
         self.skip: set[int] = set()  # parameters' storages: never counted as saved
         self.count = 0  # storages seen
@@ -184,8 +185,9 @@ class LiveBytes(TorchDispatchMode):
         if uid is None or uid in self.skip or not self.size.get(uid):
             return t
         self.saved[uid] = self.saved.get(uid, 0) + 1
-        if self.saved[uid] == 1:
-            self.saved_now += self.size[uid]
+        if self.saved[uid] == 1:  # released by the same amount, whatever resizes happen
+            self.saved_bytes[uid] = self.size[uid]  # to the storage meanwhile (FSDP frees
+            self.saved_now += self.size[uid]  # unsharded parameters by resizing to 0)
             self.saved_peak = max(self.saved_peak, self.saved_now)
         # Hold a detached alias: holding `t` itself would tie a saved output to its own
         # grad_fn (node -> holder -> t -> node), a cycle gc cannot see, and split backward
@@ -200,7 +202,7 @@ class LiveBytes(TorchDispatchMode):
         self.saved[uid] -= 1
         if self.saved[uid] == 0:
             del self.saved[uid]
-            self.saved_now -= self.size.get(uid, 0)
+            self.saved_now -= self.saved_bytes.pop(uid)
 
     @contextlib.contextmanager
     def tracking(self):
