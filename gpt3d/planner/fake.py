@@ -268,9 +268,26 @@ def _static_votes(stages, has_backward, p2p_done) -> None:
         stage._inference_mode = InferenceMode.STATIC
 
 
+class _RunPlanUnpickler(pickle.Unpickler):
+    """Builds only the dataclasses a RunPlan is made of (stdin is not trusted to be estimate's
+    own payload: any other class or callable is refused, so nothing runs on load)."""
+
+    def find_class(self, module: str, name: str):
+        from gpt3d import config, model, preflight
+        from gpt3d.parallel import dims, tensor_parallel
+
+        allowed = [preflight.RunPlan, model.GPTConfig, dims.ParallelDims, tensor_parallel.Rule]
+        allowed += [c for c in vars(config).values() if isinstance(c, type) and
+                    c.__module__ == config.__name__ and c.__name__.endswith("Config")]  # fmt: skip
+        for cls in allowed:
+            if (cls.__module__, cls.__qualname__) == (module, name):
+                return cls
+        raise pickle.UnpicklingError(f"a RunPlan never holds {module}.{name}; refusing it")
+
+
 def _main(argv: list[str]) -> None:
     """python -m gpt3d.planner.fake RANK DEVICE_TYPE < pickled RunPlan: one JSON line."""
-    run = pickle.loads(sys.stdin.buffer.read())
+    run = _RunPlanUnpickler(sys.stdin.buffer).load()
     mb = fake_memory(run, int(argv[0]), argv[1])
     print(json.dumps(asdict(mb)), flush=True)
 

@@ -117,3 +117,26 @@ def test_fake_mode_refuses_from_the_fake_estimate(data):
     """memory_check=fake: the fake-tensor estimate of every pipeline rank (subprocesses)."""
     message = refusal(data, 2, 0.001, "--parallel.pp=2", "--training.memory_check=fake")
     assert "training.memory_check=fake" in message and "pipeline rank" in message
+
+
+def test_fake_estimate_child_unpickles_only_a_run_plan(data):
+    """The fake estimate's child reads its RunPlan from stdin through an allow-list: a real
+    plan (tp x pp, with rules) comes back equal; a pickle that would call a function is
+    refused before anything runs."""
+    import io
+    import os
+    import pickle
+    from dataclasses import replace
+
+    from gpt3d.planner.fake import _RunPlanUnpickler
+
+    run = preflight(load_config(args(data, "--parallel.tp=2", "--parallel.pp=2")), 4)
+    plan = replace(run, pretrained=None, resume=None)  # what estimate() sends
+    assert _RunPlanUnpickler(io.BytesIO(pickle.dumps(plan))).load() == plan
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.getpid, ())
+
+    with pytest.raises(pickle.UnpicklingError, match="never holds"):
+        _RunPlanUnpickler(io.BytesIO(pickle.dumps(RunsCode()))).load()
