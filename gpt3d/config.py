@@ -144,8 +144,9 @@ class TrainingConfig:
     compile: bool = _f(False, "torch.compile the model (see compile_scope)")
     compile_scope: str = _f(
         "blocks",
-        "with compile: 'blocks' compiles each transformer block; 'stage' compiles each pipeline "
-        "stage as one graph, together with the loss on the stage that computes it",
+        "with compile: 'blocks' compiles each transformer block; 'stage' compiles the model and "
+        "the loss as one graph (with pp > 1 the schedule drives each stage: its blocks and the "
+        "loss are compiled)",
         choices=("blocks", "stage"),
     )
     compile_mode: str = _f(

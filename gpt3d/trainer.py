@@ -25,7 +25,7 @@ from gpt3d.moe import set_aux_scale
 from gpt3d.optim import build_optimizer, lr_at, set_lr
 from gpt3d.parallel.dims import build_mesh, dp_rank
 from gpt3d.parallel.expert_parallel import sync_expert_balance
-from gpt3d.parallel.parallelize import build_schedule, materialize, parallelize
+from gpt3d.parallel.parallelize import build_schedule, compile_mode, materialize, parallelize
 from gpt3d.parallel.utils import (
     clip_grads_,
     dist_env,
@@ -74,13 +74,14 @@ class Trainer:
         for chunk in self.parts.chunks:  # the aux loss's gradient scale: coef / global sequences
             set_aux_scale(chunk, self.model_cfg.moe_aux_coef / t.global_batch_size)
         self._model_loss = self._forward_with_loss  # pp = 1: logits -> loss in one call
-        if t.compile and t.compile_scope == "stage":
-            mode = None if t.compile_mode == "default" else t.compile_mode
-            self._model_loss = torch.compile(self._forward_with_loss, mode=mode)  # incl. loss
-        if self.dims.pp > 1:
-            stage_scope = t.compile and t.compile_scope == "stage"
-            loss_fn = torch.compile(self.loss_fn) if stage_scope else self.loss_fn
+        stage_scope = t.compile and t.compile_scope == "stage"
+        if self.dims.pp > 1:  # parallelize compiled the blocks; stage scope adds the loss
+            loss_fn = self.loss_fn
+            if stage_scope:
+                loss_fn = torch.compile(loss_fn, mode=compile_mode(t))
             build_schedule(self.parts, self.mesh, self.env.device, p, loss_fn)
+        elif stage_scope:  # model and loss as one graph
+            self._model_loss = torch.compile(self._forward_with_loss, mode=compile_mode(t))
         self.params = self.parts.parameters()
         self.optimizer = build_optimizer(
             self.params, t.lr, t.weight_decay, (t.beta1, t.beta2), t.fused_optimizer

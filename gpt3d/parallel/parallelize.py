@@ -89,9 +89,12 @@ def parallelize(run, mesh) -> ModelParts:
         tp_mesh = mesh["tp"] if dims.tp > 1 else None
         experts = apply_expert_parallel(chunk, run.ep_rules, emesh, tp_mesh)
         apply_activation_checkpointing(chunk, training.activation_checkpointing, training.ac_every)
-        if training.compile and training.compile_scope == "blocks":
+        # compile_scope "stage" compiles the model with the loss in the trainer (pp = 1); a
+        # pipeline's schedule calls the stage module itself, so there its blocks are compiled
+        # here and the trainer compiles the loss
+        if training.compile and (training.compile_scope == "blocks" or dims.pp > 1):
             for block in chunk.h.values():
-                block.compile(mode=_compile_mode(training))
+                block.compile(mode=compile_mode(training))
         if mesh is not None:
             apply_data_parallel(
                 chunk,
@@ -111,7 +114,8 @@ def parallelize(run, mesh) -> ModelParts:
     return ModelParts(chunks, stage_ids, len(layers), grad_sync=sync)
 
 
-def _compile_mode(training) -> str | None:
+def compile_mode(training) -> str | None:
+    """training.compile_mode as torch.compile's `mode` argument."""
     return None if training.compile_mode == "default" else training.compile_mode
 
 

@@ -22,7 +22,19 @@ from tests.helpers import cases_main  # noqa: E402
 
 def fail_on_recompile_after_first_step(trainer) -> None:
     if trainer.cfg.training.compile and trainer.step == 1:
+        assert_compiled(trainer)
         torch.compiler.set_stance("fail_on_recompile")
+
+
+def assert_compiled(trainer) -> None:
+    """Every rank runs compiled code: the model with its loss as one function (compile_scope
+    stage, one pipeline stage), else every block of every local stage."""
+    if trainer.cfg.training.compile_scope == "stage" and trainer.dims.pp == 1:
+        assert trainer._model_loss != trainer._forward_with_loss, "stage scope: not compiled"
+        return
+    for chunk in trainer.parts.chunks:
+        for name, block in chunk.h.items():
+            assert block._compiled_call_impl is not None, f"block {name} is not compiled"
 
 
 def run_feature_case(args: list[str], out: Path) -> None:
