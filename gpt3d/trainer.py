@@ -37,10 +37,19 @@ from gpt3d.preflight import RunPlan, preflight
 
 def _limit_host_retention(run: RunPlan, device: torch.device) -> int:
     """job.malloc_mmap_threshold_kb -> the glibc mmap threshold set (bytes; 0 = untouched)."""
-    kb = run.config.job.malloc_mmap_threshold_kb
-    if kb < 0:  # auto: lean where memory is why the user shards
-        kb = 64 if device.type == "cpu" and run.dims.dp_shard > 1 else 0
-    return kb * 1024 if kb and host_memory.limit_retention(kb * 1024) else 0
+    nbytes = host_mmap_threshold(run.config.job.malloc_mmap_threshold_kb, device, run.dims)
+    return nbytes if nbytes and host_memory.pin_mmap_threshold(nbytes) else 0
+
+
+def host_mmap_threshold(kb: int, device: torch.device, dims) -> int:
+    """The mmap threshold (bytes) to pin; 0 = leave glibc's default. kb -1 (auto), CPU only:
+    lean where memory is why the user shards, fast elsewhere (docs/memory.md)."""
+    if kb >= 0:
+        return kb * 1024
+    if device.type != "cpu":
+        return 0
+    lean = dims.dp_shard > 1
+    return host_memory.LEAN_MMAP_THRESHOLD if lean else host_memory.FAST_MMAP_THRESHOLD
 
 
 @dataclass

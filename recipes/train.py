@@ -52,7 +52,7 @@ def train(argv: list[str]) -> int:
     if trainer.malloc_mmap_threshold:
         log(
             f"host memory: blocks over {trainer.malloc_mmap_threshold // 1024} KiB are returned "
-            "to the OS when freed (job.malloc_mmap_threshold_kb)"
+            "to the OS when freed, smaller ones reused (job.malloc_mmap_threshold_kb)"
         )
     ckpt = Checkpointer(run, trainer.parts, trainer.optimizer, trainer.loader, trainer.state, log)
     if run.resume is not None:
