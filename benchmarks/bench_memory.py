@@ -57,6 +57,7 @@ MEMORY_LAYOUTS = {
     "dp2×pp2×tp2 FSDP+SP": (8, [FSDP, TP2, SP, *pp_args(2, "1F1B", 4)]),
 }
 MiB = 2**20
+LEAN = "--job.malloc_mmap_threshold_kb=64"  # glibc's mmap threshold pinned low on every rank
 
 
 def degrees(layout: str) -> dict[str, int]:
@@ -228,6 +229,11 @@ def main() -> None:
     results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS)
     ref = row_for("1 process", results["1 process"], None) if "1 process" in results else None
     rows = [row_for(n, results[n], ref) for n in names]
+    # the same layouts with the lean allocator everywhere: what the auto (fast) setting of
+    # the unsharded layouts keeps resident for speed (docs/memory.md, item 1)
+    lean = run_layouts(names, [*base, LEAN], spec, work / "lean", MEMORY_LAYOUTS)
+    for row in rows:
+        row.update({f"{k}_lean": v for k, v in rss_columns(lean[row["layout"]]).items()})
     for row in rows:  # RSS against what the planner predicts, FSDP's working set included
         world, layout = MEMORY_LAYOUTS[row["layout"]]
         row["planner_MiB"] = planner_total_MiB([*base, *layout], world)
@@ -241,7 +247,8 @@ def main() -> None:
         "rss_base_MiB:RSS baseline:.0f; rss_start_MiB:start-up RSS above base:.0f;"
         "rss_start_x:÷ params:.2f; rss_train_MiB:training RSS above base:.0f;"
         "rss_train_x:÷ (state + act):.2f; planner_MiB:planner total:.0f;"
-        "rss_train_x_planner:÷ planner:.2f"
+        "rss_train_x_planner:÷ planner:.2f; rss_train_MiB_lean:lean: training RSS above base:.0f;"
+        "rss_train_x_lean:lean ÷ (state + act):.2f"
     )
     lrows = loss_rows(a)
     lcols = columns(
@@ -264,6 +271,10 @@ def main() -> None:
         "start-up peak while building and initialising the model, ÷ its parameter bytes; "
         "training peak over the warm-up and timed steps, ÷ (params + grads + AdamW + saved "
         "activations). Target: both ÷ <= 1.25",
+        "RSS columns run with the default host allocator setting (job.malloc_mmap_threshold_kb "
+        "= -1: 64 KiB on FSDP ranks, 256 MiB on the others, whose model state fits "
+        "comfortably: a step's temporaries are reused instead of re-faulted); 'lean' columns: "
+        "the same layouts with 64 KiB everywhere",
         "planner total: the analytic planner's prediction for the fullest rank (state + "
         "activations + the temporaries it models: FSDP's unsharded blocks and root with the "
         "tied embedding, the logits path); ÷ planner = training RSS above base ÷ it",

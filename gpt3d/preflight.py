@@ -105,14 +105,22 @@ def choose_dp_mode(cfg: Config, model: GPTConfig, world_size: int) -> str:
     if p.dp_shard > 1 or getattr(p, "ep", 1) > 1:
         p.dp_mode = "fsdp"
         return "fsdp (parallel.dp_shard / ep ask for sharding)"
+    fits, why = state_fits_comfortably(cfg, model, world_size)
+    p.dp_mode = "ddp" if fits else "fsdp"
+    return f"{p.dp_mode} (auto: {why}{'' if fits else ': shard it'})"
+
+
+def state_fits_comfortably(cfg: Config, model: GPTConfig, world_size: int) -> tuple[bool, str]:
+    """Whether the unsharded model state per rank (16 bytes per parameter / (tp * pp)) is
+    within AUTO_DDP_FRACTION of a rank's memory, and that sentence."""
+    p = cfg.parallel
     state = 16 * count_params_formula(model) / (p.tp * p.pp)
     per_rank = _memory_per_rank(world_size)
     fits = state <= AUTO_DDP_FRACTION * per_rank
-    p.dp_mode = "ddp" if fits else "fsdp"
-    return (
-        f"{p.dp_mode} (auto: the unsharded model state, {state / 2**30:.2f} GiB per rank, is "
+    return fits, (
+        f"the unsharded model state, {state / 2**30:.2f} GiB per rank, is "
         f"{'within' if fits else 'over'} {AUTO_DDP_FRACTION:.0%} of the "
-        f"{per_rank / 2**30:.1f} GiB a rank has{'' if fits else ': shard it'})"
+        f"{per_rank / 2**30:.1f} GiB a rank has"
     )
 
 

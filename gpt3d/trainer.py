@@ -32,24 +32,35 @@ from gpt3d.parallel.utils import (
     init_process_group,
     sync_tied_embedding_grads,
 )
-from gpt3d.preflight import RunPlan, preflight
+from gpt3d.preflight import RunPlan, preflight, state_fits_comfortably
 
 
-def _limit_host_retention(run: RunPlan, device: torch.device) -> int:
-    """job.malloc_mmap_threshold_kb -> the glibc mmap threshold set (bytes; 0 = untouched)."""
-    nbytes = host_mmap_threshold(run.config.job.malloc_mmap_threshold_kb, device, run.dims)
-    return nbytes if nbytes and host_memory.pin_mmap_threshold(nbytes) else 0
-
-
-def host_mmap_threshold(kb: int, device: torch.device, dims) -> int:
-    """The mmap threshold (bytes) to pin; 0 = leave glibc's default. kb -1 (auto), CPU only:
-    lean where memory is why the user shards, fast elsewhere (docs/memory.md)."""
+def _pin_host_allocator(run: RunPlan, device: torch.device) -> tuple[int, str]:
+    """job.malloc_mmap_threshold_kb -> (the glibc mmap threshold pinned, bytes; 0 = glibc's
+    default), and why."""
+    kb = run.config.job.malloc_mmap_threshold_kb
     if kb >= 0:
-        return kb * 1024
-    if device.type != "cpu":
-        return 0
-    lean = dims.dp_shard > 1
-    return host_memory.LEAN_MMAP_THRESHOLD if lean else host_memory.FAST_MMAP_THRESHOLD
+        nbytes, why = kb * 1024, "job.malloc_mmap_threshold_kb"
+    elif device.type != "cpu":
+        nbytes, why = 0, "auto: GPU host"
+    else:
+        sharded = run.dims.dp > 1 and run.config.parallel.dp_mode == "fsdp"
+        fits, state = state_fits_comfortably(run.config, run.model, run.dims.world_size)
+        nbytes = host_mmap_threshold(sharded, fits)
+        kind = "lean: sharded data parallel" if sharded else ("fast: " if fits else "glibc's: ")
+        why = f"auto, {kind}" + ("" if sharded else state)
+    return (nbytes if nbytes and host_memory.pin_mmap_threshold(nbytes) else 0), why
+
+
+def host_mmap_threshold(sharded: bool, comfortable: bool) -> int:
+    """The auto setting on a CPU rank (bytes; 0 = glibc's default): lean (freed temporaries
+    leave the resident set) where data-parallel sharding says memory is the constraint; fast
+    (a step's temporaries reused from the heap, no page faults; the heap keeps up to the trim
+    threshold, 512 MiB, of freed memory) where the model state fits comfortably; glibc's own
+    otherwise (docs/memory.md)."""
+    if sharded:
+        return host_memory.LEAN_MMAP_THRESHOLD
+    return host_memory.FAST_MMAP_THRESHOLD if comfortable else 0
 
 
 @dataclass
@@ -71,7 +82,7 @@ class Trainer:
     def __init__(self, run: RunPlan):
         self.run, self.cfg, self.model_cfg, self.dims = run, run.config, run.model, run.dims
         self.env = dist_env()
-        self.malloc_mmap_threshold = _limit_host_retention(run, self.env.device)
+        self.malloc_mmap_threshold, self.malloc_why = _pin_host_allocator(run, self.env.device)
         init_process_group(self.env, self.cfg.parallel.timeout_s)
         self.mesh = build_mesh(self.dims, self.env.device.type) if self.env.world_size > 1 else None
         t, p = self.cfg.training, self.cfg.parallel

@@ -49,11 +49,10 @@ def train(argv: list[str]) -> int:
     warn_if_restarts_may_hang(log)
     check_memory(run, env.device, log)  # training.memory_check: refuse a run that cannot fit
     trainer = Trainer(run)
-    if trainer.malloc_mmap_threshold:
-        log(
-            f"host memory: blocks over {trainer.malloc_mmap_threshold // 1024} KiB are returned "
-            "to the OS when freed, smaller ones reused (job.malloc_mmap_threshold_kb)"
-        )
+    threshold = trainer.malloc_mmap_threshold
+    if threshold or trainer.env.device.type == "cpu":
+        kept = f"blocks up to {threshold // 1024} KiB reused" if threshold else "glibc's default"
+        log(f"host memory: {kept} ({trainer.malloc_why}; job.malloc_mmap_threshold_kb)")
     ckpt = Checkpointer(run, trainer.parts, trainer.optimizer, trainer.loader, trainer.state, log)
     if run.resume is not None:
         ckpt.load(run.resume)

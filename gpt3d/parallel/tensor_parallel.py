@@ -170,19 +170,23 @@ def retie_embeddings(model: nn.Module) -> None:
 def plan_for(rules: list[Rule], model: nn.Module, loss_parallel: bool) -> dict:
     """{module fqn: ParallelStyle} for the modules this (stage) model holds."""
     plan = {}
-    for name, _ in model.named_modules():
+    for name, module in model.named_modules():
         for rule in rules:
             if name and rule.section == "modules" and rule.matches(name):
                 plan[name] = build_style(
-                    rule, gather_logits=(name == "lm_head" and not loss_parallel)
+                    rule,
+                    gather_logits=(name == "lm_head" and not loss_parallel),
+                    embedding=isinstance(module, nn.Embedding),
                 )
     return plan
 
 
-def build_style(rule: Rule, gather_logits: bool = False):
+def build_style(rule: Rule, gather_logits: bool = False, embedding: bool = False):
     """A fresh torch ParallelStyle for one module.
 
-    gather_logits: loss parallel is off, so the logits leave lm_head replicated and local."""
+    gather_logits: loss parallel is off, so the logits leave lm_head replicated and local.
+    embedding: the module is an nn.Embedding; "rowwise" then means gpt3d's
+    VocabParallelEmbedding (the same placements, the work on the local rows only)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
@@ -198,6 +202,10 @@ def build_style(rule: Rule, gather_logits: bool = False):
         "prepare_module_input": PrepareModuleInput,
         "prepare_module_output": PrepareModuleOutput,
     }
+    if embedding:
+        from gpt3d.parallel.vocab_parallel import VocabParallelEmbedding
+
+        classes["rowwise"] = VocabParallelEmbedding
     as_tuple = rule.style.startswith("prepare_")  # PrepareModule* take one layout per arg
     kwargs = {k: _convert(v, as_tuple) for k, v in rule.options.items()}
     if gather_logits:

@@ -1,0 +1,73 @@
+"""The host allocator setting (job.malloc_mmap_threshold_kb): which threshold `auto` pins for
+which layout, and that a pinned threshold really changes what glibc does with a freed block,
+measured in a fresh process (mallopt is process-wide, so never in the test process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gpt3d import host_memory
+from gpt3d.trainer import _pin_host_allocator, host_mmap_threshold
+
+MiB = 2**20
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def run_plan(kb: int, dp_mode: str = "ddp") -> SimpleNamespace:
+    job, parallel = SimpleNamespace(malloc_mmap_threshold_kb=kb), SimpleNamespace(dp_mode=dp_mode)
+    return SimpleNamespace(config=SimpleNamespace(job=job, parallel=parallel))
+
+
+def test_auto_on_cpu_is_lean_when_sharding_fast_when_the_state_fits_else_glibcs_own():
+    assert host_mmap_threshold(sharded=True, comfortable=True) == 64 * 1024
+    assert host_mmap_threshold(sharded=True, comfortable=False) == 64 * 1024
+    assert host_mmap_threshold(sharded=False, comfortable=True) == 256 * MiB
+    assert host_mmap_threshold(sharded=False, comfortable=False) == 0
+
+
+def test_gpu_hosts_and_an_explicit_zero_leave_glibc_alone():
+    # both return before pinning anything, so this process's allocator is untouched
+    assert _pin_host_allocator(run_plan(-1), CUDA) == (0, "auto: GPU host")
+    assert _pin_host_allocator(run_plan(0, "fsdp"), CPU) == (0, "job.malloc_mmap_threshold_kb")
+
+
+RETAINED = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from gpt3d import host_memory
+
+    pinned = host_memory.pin_mmap_threshold(int(sys.argv[1]))
+    before = host_memory.rss_gib()
+    for _ in range(3):  # a step's temporary: 64 MiB, written, freed
+        t = torch.empty(16 * 2**20).fill_(1.0)
+        del t
+    print(json.dumps({"pinned": pinned, "retained_mib": (host_memory.rss_gib() - before) * 1024}))
+    """
+)
+
+
+def retained_mib(threshold: int) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-c", RETAINED, str(threshold)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pinned"]
+    return out["retained_mib"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_fast_threshold_keeps_a_freed_temporary_for_reuse_and_lean_returns_it():
+    fast = retained_mib(host_memory.FAST_MMAP_THRESHOLD)
+    lean = retained_mib(host_memory.LEAN_MMAP_THRESHOLD)
+    print(f"64 MiB temporary after free: fast keeps {fast:.0f} MiB, lean keeps {lean:.0f} MiB")
+    assert fast > 56  # reused from the heap next time: no new page faults
+    assert lean < 8  # mmap'ed, unmapped on free: gone from the resident set
