@@ -239,7 +239,8 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
       head      the lm_head's weight gradient in the compute dtype, its input gradient,
                 gpt3d.loss's fp32 chunk buffers; FSDP without pp: the unsharded root
       embedding tp > 1, first stage: the vocab-parallel embedding's backward builds its
-                gradient for the whole vocabulary (twice while accumulating)
+                rows' gradient (V/tp x C) per microbatch before adding it to the
+                accumulated one (gpt3d.parallel.vocab_parallel)
       wrapper   FSDP without pp: the current and the prefetched block unsharded plus one
                 block's fp32 gradient; FSDP with pp: the stage unsharded all step with its
                 fp32 gradients; DDP (FSDP-based replicate): bf16 copies of every parameter,
@@ -252,7 +253,7 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
         rows = min(tokens, max(16, LOSS_CHUNK[w.device] // max(1, V // lay.tp)))
         head = (p * C + rows * 4 * (2 if p < 4 else 1)) * V / lay.tp + 4 * tokens * C
         head += p * root if fsdp and lay.pp == 1 else 0.0
-    embed = 2 * p * V * C if first and lay.tp > 1 else 0.0
+    embed = p * V * C / lay.tp if first and lay.tp > 1 else 0.0
     if lay.dp == 1:
         wrapper = 0.0
     elif lay.dp_mode == "ddp":
