@@ -155,7 +155,7 @@ class Trainer:
         loss = torch.zeros((), device=self.env.device)
         for xm, ym in zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum), strict=True):
             loss += self._forward_backward(xm, ym)
-        if self.parts.grad_sync is not None:  # compressed dp_replicate all-reduce, once a step
+        if self.parts.grad_sync is not None:  # gpt3d's own dp_replicate all-reduce, once a step
             self.parts.grad_sync.reduce(self.state.step)
         self._sync_tied_grads()
         norm = clip_grads_(self.params, t.grad_clip, self.pp_group, self._norm_params())

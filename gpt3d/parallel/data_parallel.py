@@ -2,6 +2,8 @@
 
 DDP uses the FSDP-based `replicate` (torch.distributed._composable.replicate_with_fsdp):
 unlike classic DistributedDataParallel it composes with pipelining and tensor parallelism.
+With fp32 compute on CPU/gloo no wrapper is applied and GradSync all-reduces once per step
+instead (compression.own_ddp_all_reduce says why).
 Both reduce gradients with SUM (divide factor 1): the loss is already the global mean
 (gpt3d/loss.py), so a second division by the data-parallel degree would be wrong.
 

@@ -25,7 +25,7 @@ from torch import nn
 from gpt3d.model import GPT, INIT_BLOCK_ELEMENTS
 from gpt3d.moe import frozen_moe_stats, moe_layers, reset_moe_state
 from gpt3d.parallel import pipeline as pp_lib
-from gpt3d.parallel.compression import plan_reduction
+from gpt3d.parallel.compression import own_ddp_all_reduce, plan_reduction
 from gpt3d.parallel.data_parallel import apply_data_parallel, grad_sync
 from gpt3d.parallel.dims import expert_mesh, n_microbatches
 from gpt3d.parallel.expert_parallel import apply_expert_parallel
@@ -80,6 +80,8 @@ def parallelize(run, mesh) -> ModelParts:
     stage_ids, layers = _stage_layout(run, mesh)
     param_dtype = torch.bfloat16 if training.dtype == "bfloat16" else None
     reduction = plan_reduction(parallel, dims)  # gradient dtypes / compression per dp axis
+    if mesh is not None:
+        reduction = own_ddp_all_reduce(reduction, dims, mesh.device_type, param_dtype)
     emesh = expert_mesh(mesh, dims)  # (pp, dp_replicate, efsdp, ep, tp) when ep > 1
     chunks = []
     for s in stage_ids:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gpt3d.planner.hardware import GB, Cluster
-from gpt3d.planner.layout import Layout, Workload
+from gpt3d.planner.layout import Layout, Workload, ddp_wrapper
 from gpt3d.planner.memory import DTYPE_BYTES, ParamCounts, checkpointed, stage_params
 from gpt3d.planner.schedules import bubble_units, local_stages
 
@@ -85,7 +85,7 @@ def estimate_time(w: Workload, lay: Layout, cluster: Cluster, dp_exposed: float 
     slow = max(work, key=lambda r: r.compute + r.tp_comm)
     biggest = max(work, key=lambda r: r.numel)  # holds the most parameters: the most traffic
     n = lay.n_microbatches
-    per_mb, per_step = overheads(lay, cluster, slow.blocks)
+    per_mb, per_step = overheads(w, lay, cluster, slow.blocks)
     busy = slow.compute + slow.tp_comm + per_mb  # one microbatch on the slowest rank
     bubble = bubble_units(lay.schedule, lay.pp, lay.stages_per_rank) * busy
     if cluster.crowded:  # more processes than cores: a rank idle in the bubble yields its
@@ -108,7 +108,7 @@ def estimate_time(w: Workload, lay: Layout, cluster: Cluster, dp_exposed: float 
     )
 
 
-def overheads(lay: Layout, cluster: Cluster, blocks: int) -> tuple[float, float]:
+def overheads(w, lay: Layout, cluster: Cluster, blocks: int) -> tuple[float, float]:
     """(seconds per microbatch, per step) of framework work from a calibrated profile's
     overhead_s (gpt3d/planner/overheads.py): per block and microbatch, the plain cost plus
     the tp / FSDP / DDP wrapper's; per step, a fixed part plus pipeline schedule actions
@@ -116,7 +116,7 @@ def overheads(lay: Layout, cluster: Cluster, blocks: int) -> tuple[float, float]
     o = cluster.hw.overhead_s
     if not o:
         return 0.0, 0.0
-    fsdp, ddp = lay.dp > 1 and lay.dp_mode == "fsdp", lay.dp > 1 and lay.dp_mode == "ddp"
+    fsdp, ddp = lay.dp > 1 and lay.dp_mode == "fsdp", ddp_wrapper(w, lay)
     block = o["block"] + o["tp"] * (lay.tp > 1) + o["fsdp"] * fsdp + o["ddp"] * ddp
     actions = 2 * lay.microbatches * lay.stages_per_rank if lay.pp > 1 else 0
     share = cluster.compute_share

@@ -116,6 +116,13 @@ class Layout:
         return self.dp_shard // self.ep
 
 
+def ddp_wrapper(w: Workload, lay: Layout) -> bool:
+    """Whether DDP runs as FSDP2's replicate (per-block hooks), not gpt3d's own all-reduce
+    once a step: everywhere but fp32 on CPU (gpt3d.parallel.compression.own_ddp_all_reduce)."""
+    ddp = lay.dp > 1 and lay.dp_mode == "ddp" and lay.dp_shard == 1
+    return ddp and not (w.device == "cpu" and w.dtype == "float32")
+
+
 def gpt3d_layout_error(w: Workload, lay: Layout) -> str | None:
     """gpt3d's own verdict on a layout: None if recipes/train.py would accept it, else its
     message. The only place the planner calls gpt3d's validation (repoint it here)."""

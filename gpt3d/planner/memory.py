@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt3d.model import GPTConfig
-from gpt3d.planner.layout import Layout, Workload
+from gpt3d.parallel.compression import BUCKET_BYTES
+from gpt3d.planner.layout import Layout, Workload, ddp_wrapper
 from gpt3d.planner.schedules import local_stages, pending_weight_grads, residency
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -244,7 +245,8 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
       wrapper   FSDP without pp: the current and the prefetched block unsharded plus one
                 block's fp32 gradient; FSDP with pp: the stage unsharded all step with its
                 fp32 gradients; DDP (FSDP-based replicate): bf16 copies of every parameter,
-                fp32: a second gradient buffer."""
+                fp32: a second gradient buffer; DDP on CPU in fp32 (gpt3d's all-reduce):
+                one flat bucket (32 MiB, or the largest tensor alone)."""
     p = DTYPE_BYTES[w.dtype]  # compute / FSDP param dtype
     fsdp = lay.dp > 1 and lay.dp_mode == "fsdp"
     V, C = w.model.padded_vocab_size, w.model.n_embd
@@ -256,6 +258,8 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     embed = p * V * C / lay.tp if first and lay.tp > 1 else 0.0
     if lay.dp == 1:
         wrapper = 0.0
+    elif lay.dp_mode == "ddp" and not ddp_wrapper(w, lay):  # GradSync's flat fp32 buckets
+        wrapper = 4 * min(numel, max(BUCKET_BYTES / 4, V * C / lay.tp))
     elif lay.dp_mode == "ddp":
         wrapper = p * numel if p < 4 else 4 * numel
     elif lay.pp > 1:

@@ -57,6 +57,7 @@ BF16_CASES = {
     "bf16": (0, [BF16]),
     "bf16_tp2_sp": (2, [BF16, f"{TP}=2", SP]),
     "bf16_fsdp2": (2, [FSDP, BF16]),
+    "bf16_ddp2": (2, ["--parallel.dp_mode=ddp", BF16]),  # FSDP2's replicate (fp32 CPU: GradSync)
     "bf16_pp2_gpipe": (2, [BF16, *pp(2, "GPipe", 4)]),
     "bf16_dp2_tp2_ac": (4, [FSDP, BF16, f"{TP}=2", AC_FULL]),
     "bf16_fsdp2_pp2": (4, [FSDP, BF16, *pp(2, "1F1B", 4)]),

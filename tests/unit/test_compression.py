@@ -15,6 +15,7 @@ from gpt3d.parallel.compression import (
     ReductionPlan,
     buckets,
     fp16_scale,
+    own_ddp_all_reduce,
     plan_reduction,
 )
 from gpt3d.parallel.dims import ParallelDims
@@ -48,6 +49,23 @@ def test_bfloat16_everywhere_stays_native_and_overlapped():
     for dims in (DDP, FSDP, HSDP):
         p = plan(dims, grad_reduce_dtype="bfloat16")
         assert p.sync_dtype is None and p.fsdp_dtype == "bfloat16"
+
+
+def test_ddp_on_cpu_with_fp32_compute_is_gpt3ds_own_all_reduce_once_a_step():
+    """No wrapper (fsdp_axes empty), GradSync in the plan's dtype; FSDP2's replicate stays on
+    GPUs (it overlaps there), with bf16 compute (its mixed precision) and wherever it shards."""
+    for dtype in ("float32", "bfloat16"):
+        p = own_ddp_all_reduce(plan(DDP, grad_reduce_dtype=dtype), DDP, "cpu", None)
+        assert p == ReductionPlan((), "float32", dtype)
+    kept = [
+        (plan(DDP), DDP, "cuda", None),
+        (plan(DDP), DDP, "cpu", torch.bfloat16),
+        (plan(HSDP), HSDP, "cpu", None),
+        (plan(FSDP), FSDP, "cpu", None),
+        (plan(DDP, grad_reduce_dtype="float16"), DDP, "cpu", None),  # already GradSync's
+    ]
+    for reduction, dims, device, param_dtype in kept:
+        assert own_ddp_all_reduce(reduction, dims, device, param_dtype) == reduction
 
 
 @pytest.mark.parametrize(
