@@ -247,7 +247,8 @@ def main() -> None:
         "rss_base_MiB:RSS baseline:.0f; rss_start_MiB:start-up RSS above base:.0f;"
         "rss_start_x:÷ params:.2f; rss_train_MiB:training RSS above base:.0f;"
         "rss_train_x:÷ (state + act):.2f; planner_MiB:planner total:.0f;"
-        "rss_train_x_planner:÷ planner:.2f; rss_train_MiB_lean:lean: training RSS above base:.0f;"
+        "rss_train_x_planner:÷ planner:.2f;"
+        "rss_train_MiB_lean:lean allocator, training RSS above base:.0f;"
         "rss_train_x_lean:lean ÷ (state + act):.2f"
     )
     lrows = loss_rows(a)
