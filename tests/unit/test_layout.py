@@ -63,7 +63,8 @@ def test_shipped_plans_load_and_match_the_model(plan):
     styles = {name: type(style).__name__ for name, style in plan_for(rules, model, True).items()}
     assert styles["h.1.attn.q_proj"] == "ColwiseParallel"
     assert styles["h.0.mlp.c_proj"] == "RowwiseParallel"
-    assert styles["wte"] == "RowwiseParallel" and styles["lm_head"] == "ColwiseParallel"
+    # "rowwise" on an nn.Embedding: gpt3d's vocab-parallel embedding (a RowwiseParallel)
+    assert styles["wte"] == "VocabParallelEmbedding" and styles["lm_head"] == "ColwiseParallel"
     assert "h.0.attn" not in styles or styles["h.0.attn"] == "PrepareModuleInput"
 
 
