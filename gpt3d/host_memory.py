@@ -9,7 +9,7 @@ block above the threshold (and every heap top above the trim threshold) is mappe
 page-faulted and zero-filled by the kernel on each use. `pin_mmap_threshold()` fixes both
 thresholds: low (64 KiB) so large transient blocks go back to the OS when freed (lean, for
 sharded ranks), or high (256 MiB) so a step's temporaries are reused from the heap instead
-(fast: a third less CPU time per step on the 8-process layout). `release()` returns free heap
+(fast: a fifth less CPU time per step on the 8-process layout). `release()` returns free heap
 memory now (malloc_trim). Measured effects: docs/memory.md, docs/performance.md.
 """
 
