@@ -47,8 +47,8 @@ def _pin_host_allocator(run: RunPlan, device: torch.device) -> tuple[int, str]:
         sharded = run.dims.dp > 1 and run.config.parallel.dp_mode == "fsdp"
         fits, state = state_fits_comfortably(run.config, run.model, run.dims.world_size)
         nbytes = host_mmap_threshold(sharded, fits)
-        kind = "lean: sharded data parallel" if sharded else ("fast: " if fits else "glibc's: ")
-        why = f"auto, {kind}" + ("" if sharded else state)
+        kind = "fast" if fits else "glibc's"
+        why = "auto, lean: sharded data parallel" if sharded else f"auto, {kind}: {state}"
     return (nbytes if nbytes and host_memory.pin_mmap_threshold(nbytes) else 0), why
 
 

@@ -37,9 +37,8 @@ class VocabParallelEmbedding(RowwiseParallel):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         (into,), (out,) = self.input_layouts, self.output_layouts
         seq_split = out == Shard(1)
-        if not isinstance(module, nn.Embedding) or into != Replicate():
-            return super()._apply(module, device_mesh)
-        if out != Replicate() and not seq_split:
+        ours = isinstance(module, nn.Embedding) and into == Replicate()
+        if not ours or out not in (Replicate(), Shard(1)):  # torch's style covers the rest
             return super()._apply(module, device_mesh)
         distribute_module(module, device_mesh, self._partition_embedding_fn)  # weight Shard(0)
         use_local = self.use_local_output
