@@ -60,9 +60,10 @@ class JobConfig:
     malloc_mmap_threshold_kb: int = _f(
         -1,
         "CPU (glibc): blocks above this size are mmap'ed and returned to the OS when freed, "
-        "smaller ones are reused from the heap; -1 = 64 on CPU ranks with sharded data "
-        "parallelism (lean), 262144 on other CPU ranks (fast: no page faults for a step's "
-        "temporaries), untouched on GPU hosts; 0 = glibc's default (docs/memory.md)",
+        "smaller ones are reused from the heap; -1 = on CPU 64 (lean) while the model is "
+        "built, then 262144 (fast: no page faults for a step's temporaries) where the "
+        "unsharded state fits comfortably and is not sharded over data parallel, else 64; "
+        "untouched on GPU hosts; 0 = glibc's default (docs/memory.md)",
         ge=-1,
     )
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 GiB = 2**30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
-LEAN_MMAP_THRESHOLD = 64 * 2**10  # sharded CPU ranks: freed transients leave the RSS
-FAST_MMAP_THRESHOLD = 256 * 2**20  # other CPU ranks: temporaries stay in the heap
+LEAN_MMAP_THRESHOLD = 64 * 2**10  # start-up; memory-bound CPU ranks: freed blocks leave the RSS
+FAST_MMAP_THRESHOLD = 256 * 2**20  # CPU ranks whose state fits: temporaries stay in the heap
 
 
 def _status_kib(key: str) -> int | None:

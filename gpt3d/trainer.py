@@ -35,32 +35,37 @@ from gpt3d.parallel.utils import (
 from gpt3d.preflight import RunPlan, preflight, state_fits_comfortably
 
 
-def _pin_host_allocator(run: RunPlan, device: torch.device) -> tuple[int, str]:
-    """job.malloc_mmap_threshold_kb -> (the glibc mmap threshold pinned, bytes; 0 = glibc's
-    default), and why."""
+def host_allocator(run: RunPlan, device: torch.device) -> tuple[int, int, str]:
+    """job.malloc_mmap_threshold_kb -> the glibc mmap thresholds (bytes; 0 = glibc's default)
+    to pin for start-up and for training, and why. Auto on a CPU rank: lean while the model
+    is built (its transients are one-off: nothing to reuse), then host_mmap_threshold."""
     kb = run.config.job.malloc_mmap_threshold_kb
     if kb >= 0:
-        nbytes, why = kb * 1024, "job.malloc_mmap_threshold_kb"
-    elif device.type != "cpu":
-        nbytes, why = 0, "auto: GPU host"
-    else:
-        sharded = run.dims.dp > 1 and run.config.parallel.dp_mode == "fsdp"
-        fits, state = state_fits_comfortably(run.config, run.model, run.dims.world_size)
-        nbytes = host_mmap_threshold(sharded, fits)
-        kind = "fast" if fits else "glibc's"
-        why = "auto, lean: sharded data parallel" if sharded else f"auto, {kind}: {state}"
-    return (nbytes if nbytes and host_memory.pin_mmap_threshold(nbytes) else 0), why
+        return kb * 1024, kb * 1024, "job.malloc_mmap_threshold_kb"
+    if device.type != "cpu":
+        return 0, 0, "auto: GPU host"
+    sharded = run.dims.dp > 1 and run.config.parallel.dp_mode == "fsdp"
+    fits, state = state_fits_comfortably(run.config, run.model, run.dims.world_size)
+    training = host_mmap_threshold(sharded, fits)
+    kind = "fast" if training == host_memory.FAST_MMAP_THRESHOLD else "lean"
+    why = "auto, lean: sharded data parallel" if sharded else f"auto, {kind}: {state}"
+    return host_memory.LEAN_MMAP_THRESHOLD, training, why
 
 
 def host_mmap_threshold(sharded: bool, comfortable: bool) -> int:
-    """The auto setting on a CPU rank (bytes; 0 = glibc's default): lean (freed temporaries
-    leave the resident set) where data-parallel sharding says memory is the constraint; fast
-    (a step's temporaries reused from the heap, no page faults; the heap keeps up to the trim
-    threshold, 512 MiB, of freed memory) where the model state fits comfortably; glibc's own
-    otherwise (docs/memory.md)."""
-    if sharded:
-        return host_memory.LEAN_MMAP_THRESHOLD
-    return host_memory.FAST_MMAP_THRESHOLD if comfortable else 0
+    """The auto setting for training on a CPU rank (bytes): fast (a step's temporaries reused
+    from the heap, no page faults; the heap keeps freed blocks it cannot reuse, docs/memory.md)
+    where the unsharded model state fits comfortably and data parallelism does not shard it;
+    lean (freed temporaries leave the resident set) where memory is the constraint."""
+    if comfortable and not sharded:
+        return host_memory.FAST_MMAP_THRESHOLD
+    return host_memory.LEAN_MMAP_THRESHOLD
+
+
+def _pin(mmap_threshold: int) -> int:
+    """Pin glibc's mmap threshold (0: leave glibc alone); the threshold pinned, or 0."""
+    pinned = mmap_threshold and host_memory.pin_mmap_threshold(mmap_threshold)
+    return mmap_threshold if pinned else 0
 
 
 @dataclass
@@ -82,7 +87,8 @@ class Trainer:
     def __init__(self, run: RunPlan):
         self.run, self.cfg, self.model_cfg, self.dims = run, run.config, run.model, run.dims
         self.env = dist_env()
-        self.malloc_mmap_threshold, self.malloc_why = _pin_host_allocator(run, self.env.device)
+        startup_malloc, training_malloc, self.malloc_why = host_allocator(run, self.env.device)
+        self.malloc_mmap_startup = _pin(startup_malloc)
         init_process_group(self.env, self.cfg.parallel.timeout_s)
         self.mesh = build_mesh(self.dims, self.env.device.type) if self.env.world_size > 1 else None
         t, p = self.cfg.training, self.cfg.parallel
@@ -91,6 +97,7 @@ class Trainer:
         self.parts = parallelize(run, self.mesh)
         materialize(self.parts, self.env.device, self._initial_weights())
         host_memory.release()  # give start-up's transient blocks back to the OS
+        self.malloc_mmap_threshold = _pin(training_malloc)
         for chunk in self.parts.chunks:  # the aux loss's gradient scale: coef / global sequences
             set_aux_scale(chunk, self.model_cfg.moe_aux_coef / t.global_batch_size)
         self._model_loss = self._forward_with_loss  # pp = 1: logits -> loss in one call

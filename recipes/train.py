@@ -31,6 +31,13 @@ def with_default_config(argv: list[str]) -> list[str]:
     return ["--config", str(RECIPES / "configs" / name), *argv]
 
 
+def reused_blocks(mmap_threshold: int) -> str:
+    """What a pinned glibc mmap threshold (bytes; 0 = not pinned) means, for the log."""
+    if not mmap_threshold:
+        return "glibc's default"
+    return f"blocks up to {mmap_threshold // 1024} KiB reused"
+
+
 def train(argv: list[str]) -> int:
     from gpt3d.checkpoint import Checkpointer
     from gpt3d.config import load_config
@@ -49,9 +56,11 @@ def train(argv: list[str]) -> int:
     warn_if_restarts_may_hang(log)
     check_memory(run, env.device, log)  # training.memory_check: refuse a run that cannot fit
     trainer = Trainer(run)
-    threshold = trainer.malloc_mmap_threshold
+    threshold, startup = trainer.malloc_mmap_threshold, trainer.malloc_mmap_startup
     if threshold or trainer.env.device.type == "cpu":
-        kept = f"blocks up to {threshold // 1024} KiB reused" if threshold else "glibc's default"
+        kept = reused_blocks(threshold)
+        if startup != threshold:
+            kept = f"{reused_blocks(startup)} while the model was built, then {kept}"
         log(f"host memory: {kept} ({trainer.malloc_why}; job.malloc_mmap_threshold_kb)")
     ckpt = Checkpointer(run, trainer.parts, trainer.optimizer, trainer.loader, trainer.state, log)
     if run.resume is not None:

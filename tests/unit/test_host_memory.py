@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from gpt3d import host_memory
-from gpt3d.trainer import _pin_host_allocator, host_mmap_threshold
+from gpt3d.config import load_config
+from gpt3d.preflight import preflight
+from gpt3d.trainer import host_allocator, host_mmap_threshold
 
 MiB = 2**20
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -25,17 +27,25 @@ def run_plan(kb: int, dp_mode: str = "ddp") -> SimpleNamespace:
     return SimpleNamespace(config=SimpleNamespace(job=job, parallel=parallel))
 
 
-def test_auto_on_cpu_is_lean_when_sharding_fast_when_the_state_fits_else_glibcs_own():
+def test_auto_on_cpu_trains_fast_only_where_the_state_fits_and_is_not_sharded():
     assert host_mmap_threshold(sharded=True, comfortable=True) == 64 * 1024
     assert host_mmap_threshold(sharded=True, comfortable=False) == 64 * 1024
     assert host_mmap_threshold(sharded=False, comfortable=True) == 256 * MiB
-    assert host_mmap_threshold(sharded=False, comfortable=False) == 0
+    assert host_mmap_threshold(sharded=False, comfortable=False) == 64 * 1024
 
 
-def test_gpu_hosts_and_an_explicit_zero_leave_glibc_alone():
-    # both return before pinning anything, so this process's allocator is untouched
-    assert _pin_host_allocator(run_plan(-1), CUDA) == (0, "auto: GPU host")
-    assert _pin_host_allocator(run_plan(0, "fsdp"), CPU) == (0, "job.malloc_mmap_threshold_kb")
+def test_auto_on_cpu_builds_the_model_lean_then_pins_the_training_setting():
+    # a tiny model on one process fits comfortably: lean start-up, fast training
+    run = preflight(load_config(["--model.preset=tiny", "--training.seq_len=32"]), 1)
+    startup, training, why = host_allocator(run, CPU)
+    assert (startup, training) == (64 * 1024, 256 * MiB)
+    assert why.startswith("auto, fast: the unsharded model state")
+
+
+def test_explicit_setting_holds_from_start_up_and_gpu_hosts_are_left_alone():
+    assert host_allocator(run_plan(-1), CUDA) == (0, 0, "auto: GPU host")
+    assert host_allocator(run_plan(0, "fsdp"), CPU) == (0, 0, "job.malloc_mmap_threshold_kb")
+    assert host_allocator(run_plan(64, "fsdp"), CPU)[:2] == (64 * 1024, 64 * 1024)
 
 
 RETAINED = textwrap.dedent(
