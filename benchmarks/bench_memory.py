@@ -2,7 +2,7 @@
 tensors each rank holds after a real step of gpt3d's Trainer) against the
 1/(tp·pp·dp_shard) theory, and the peak of activations saved for backward.
 
-    python benchmarks/bench_memory.py                     # ~3 min on the 2-core box
+    python benchmarks/bench_memory.py                     # ~10 min on the 2-core box
     python benchmarks/bench_memory.py --vocab 50257 --name bench_memory_gpt2_vocab
 
 Theory: a rank holds total/(tp·pp·dp_shard) of the 1-process model state. What it does not
@@ -10,7 +10,9 @@ shard shows up as overshoot: LayerNorm weights and row-parallel biases are repli
 and with pp > 1 a tied embedding exists twice (first stage wte, last stage lm_head copy).
 Activations are measured with autograd's saved-tensor hooks (storage-deduplicated, parameters
 excluded). Resident memory (RSS) is measured too, at start-up and in training, against that
-arithmetic: what a rank really costs the machine (docs/memory.md).
+arithmetic: what a rank really costs the machine (docs/memory.md). Each layout runs in fresh
+processes, its baseline taken after a step of the same layout on a near-zero-size model
+(worker.py's warm_baseline): the fixed cost of a process that has trained is baseline.
 
 The loss over the logits is measured too, in this process: the peak bytes alive (every
 storage, LiveBytes) during the lm_head matmul, the loss and their backward, above what existed
@@ -116,6 +118,7 @@ def rss_columns(ranks: list[dict]) -> dict:
     train, train_x = worst("rss_training_peak_gib", lambda r: sum(r[k] for k in state))
     return {
         "rss_base_MiB": max(r["rss_baseline_gib"] for r in ranks) * 1024,
+        "rss_fixed_MiB": max(r["rss_baseline_gib"] - r["rss_cold_gib"] for r in ranks) * 1024,
         "rss_start_MiB": start,
         "rss_start_x": start_x,
         "rss_train_MiB": train,
@@ -225,13 +228,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     base = model_args(synthetic_data(work, a.vocab), a)
     names = [n.strip() for n in a.layouts.split(",")]
-    spec = {"warmup": 1, "steps": 1, "memory": True}
-    results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS)
+    spec = {"warmup": 1, "steps": 1, "memory": True, "warm_baseline": True}
+    results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS, fresh=True)
     ref = row_for("1 process", results["1 process"], None) if "1 process" in results else None
     rows = [row_for(n, results[n], ref) for n in names]
     # the same layouts with the lean allocator everywhere: what the auto (fast) setting of
     # the unsharded layouts keeps resident for speed (docs/memory.md, item 1)
-    lean = run_layouts(names, [*base, LEAN], spec, work / "lean", MEMORY_LAYOUTS)
+    lean = run_layouts(names, [*base, LEAN], spec, work / "lean", MEMORY_LAYOUTS, fresh=True)
     for row in rows:
         row.update({f"{k}_lean": v for k, v in rss_columns(lean[row["layout"]]).items()})
     for row in rows:  # RSS against what the planner predicts, FSDP's working set included
@@ -244,7 +247,8 @@ def main() -> None:
         "state_MiB:state max:.2f; state_min_MiB:state min:.2f;"
         "theory_MiB:theory:.2f; vs_theory:max / theory:.3f;"
         "act_MiB:activations peak:.2f; act_rel:act × 1 proc:.2f;"
-        "rss_base_MiB:RSS baseline:.0f; rss_start_MiB:start-up RSS above base:.0f;"
+        "rss_base_MiB:RSS baseline:.0f; rss_fixed_MiB:of which fixed cost of training:.0f;"
+        "rss_start_MiB:start-up RSS above base:.0f;"
         "rss_start_x:÷ params:.2f; rss_train_MiB:training RSS above base:.0f;"
         "rss_train_x:÷ (state + act):.2f; planner_MiB:planner total:.0f;"
         "rss_train_x_planner:÷ planner:.2f;"
@@ -268,14 +272,18 @@ def main() -> None:
         "the 1-process peak",
         f"largest overshoot: {worst['layout']} at {worst['vs_theory']:.3f} x theory",
         "RSS (resident set size, /proc/self/status) of the rank that used the most, above its "
-        "own baseline (RSS right before building the Trainer, freed memory returned first): "
-        "start-up peak while building and initialising the model, ÷ its parameter bytes; "
-        "training peak over the warm-up and timed steps, ÷ (params + grads + AdamW + saved "
-        "activations). Target: both ÷ <= 1.25",
+        "own baseline: the process right before building the Trainer, after one step of the "
+        "same layout on a near-zero-size model (width 8 per head, 16 tokens) and with freed "
+        "memory returned, so the baseline holds what a process costs whatever the model "
+        "(process groups, threads, first-use caches); 'of which fixed cost' is what that "
+        "warm-up step left behind (the first case of each launch pays it). Start-up peak while "
+        "building and initialising the model, ÷ its parameter bytes; training peak over the "
+        "warm-up and timed steps, ÷ (params + grads + AdamW + saved activations). Target: both "
+        "÷ <= 1.25",
         "RSS columns run with the default host allocator setting (job.malloc_mmap_threshold_kb "
-        "= -1: 64 KiB on FSDP ranks, 256 MiB on the others, whose model state fits "
-        "comfortably: a step's temporaries are reused instead of re-faulted); 'lean' columns: "
-        "the same layouts with 64 KiB everywhere",
+        "= -1: 64 KiB while the model is built; then 64 KiB on FSDP ranks, 256 MiB on the "
+        "others, whose model state fits comfortably: a step's temporaries are reused instead "
+        "of re-faulted); 'lean' columns: the same layouts with 64 KiB throughout",
         "planner total: the analytic planner's prediction for the fullest rank (state + "
         "activations + the temporaries it models: FSDP's unsharded blocks and root with the "
         "tied embedding, the logits path); ÷ planner = training RSS above base ÷ it",

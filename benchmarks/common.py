@@ -50,11 +50,15 @@ def machine() -> dict:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files other than results differ from it
+    (results of code that is not in that commit)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        )
-        return out.stdout.strip()
+        dirty = git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results").strip()
+        return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
 
@@ -263,16 +267,20 @@ def add_model_flags(p, n_layer=4, n_head=4, n_embd=256, vocab=512, seq=128, batc
     p.add_argument("--batch", type=int, default=batch, help="global batch (sequences)")
 
 
-def run_layouts(names: list[str], base: list[str], spec: dict, work: Path, layouts=None) -> dict:
-    """Launch every layout (grouped by world size, one launch each); {name: [rank dicts]}."""
+def run_layouts(
+    names: list[str], base: list[str], spec: dict, work: Path, layouts=None, fresh=False
+) -> dict:
+    """Launch every layout (grouped by world size, one launch each; fresh: one launch per
+    layout, so that no case inherits an earlier one's heap); {name: [rank dicts]}."""
     layouts = layouts or LAYOUTS
-    by_world: dict[int, dict] = {}
+    batches: dict[tuple[int, str], dict] = {}  # (world size, case or "") -> cases
     for name in names:
         world, layout = layouts[name]
         key = name.replace(" ", "_").replace("×", "x").replace("+", "_")
-        by_world.setdefault(world, {})[key] = {"args": [*base, *layout], **spec, "_name": name}
+        case = {"args": [*base, *layout], **spec, "_name": name}
+        batches.setdefault((world, key if fresh else ""), {})[key] = case
     results = {}
-    for world, cases in sorted(by_world.items()):
+    for (world, _), cases in sorted(batches.items()):
         out = launch(world, cases, work)
         results.update({cases[k]["_name"]: v for k, v in out.items()})
     return results

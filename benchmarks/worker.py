@@ -6,13 +6,15 @@ and writes <out>/<case>/rank<r>.json per rank.
 
 cases.json: {name: {"args": [--section.key=value ...], "warmup": 2, "steps": 5,
                     "memory": false, "stage_compute": false, "threads": 1,
-                    "barrier": true, "profile": 0}}
+                    "barrier": true, "profile": 0, "warm_baseline": false}}
 Per rank: step times (whole train_step and the forward/backward or pipeline-schedule part),
 and optionally bytes held (parameters, gradients, optimizer state, saved activations) and the
 pipeline stages' compute time per microbatch without communication, after each step.
 barrier: start each timed step together (false: free-running steps, as a plain training loop
 times them). profile: after the timed steps, that many more steps under torch.profiler, each a
 `bench_step#<i>` range, written as <out>/trace_rank<r>.json (bench_breakdown reads them).
+warm_baseline: take the resident-memory baseline after one step of the same layout on a
+near-zero-size model (warm_up_process), so that RSS above it is what the model costs.
 """
 
 from __future__ import annotations
@@ -155,13 +157,36 @@ def import_torch_distributed() -> None:
     from torch.distributed._composable import checkpoint, replicate_with_fsdp  # noqa: F401
 
 
-def build(spec: dict) -> tuple[Trainer, dict]:
-    """The Trainer, and resident memory around its construction: the process baseline
-    before it (freed memory of earlier cases returned first) and the start-up peak."""
-    import_torch_distributed()
+def released_rss_gib() -> float:
+    """Resident memory once garbage is collected and free heap memory returned."""
     gc.collect()
     host_memory.release()
-    rss = {"rss_baseline_gib": host_memory.rss_gib()}
+    return host_memory.rss_gib()
+
+
+def warm_up_process(args: list[str]) -> None:
+    """One step of the same layout on a near-zero-size model (width 8 per head, 16-token
+    sequences), then everything it built dropped: what stays is the process's fixed cost of
+    having trained at all (process groups and their buffers, autograd's and gloo's threads,
+    kernels' first-use caches, lazily imported code), whatever the model's size."""
+    head = next((a.split("=")[1] for a in args if a.startswith("--model.n_head=")), "4")
+    tiny = [*args, f"--model.n_embd={8 * int(head)}", "--training.seq_len=16"]
+    trainer = Trainer.from_config(load_config(tiny))
+    trainer.train_step()
+    del trainer
+
+
+def build(spec: dict) -> tuple[Trainer, dict]:
+    """The Trainer, and resident memory around its construction: the process baseline
+    before it (freed memory of earlier cases returned first) and the start-up peak. With
+    spec["warm_baseline"], the baseline is taken after warm_up_process; rss_cold_gib is the
+    process before the warm-up."""
+    import_torch_distributed()
+    rss = {}
+    if spec.get("warm_baseline"):
+        rss["rss_cold_gib"] = released_rss_gib()
+        warm_up_process(spec["args"])
+    rss["rss_baseline_gib"] = released_rss_gib()
     host_memory.reset_peak_rss()
     trainer = Trainer.from_config(load_config(spec["args"]))
     rss["rss_startup_peak_gib"] = host_memory.peak_rss_gib()
