@@ -276,10 +276,10 @@ def main() -> None:
         "same layout on a near-zero-size model (width 8 per head, 16 tokens) and with freed "
         "memory returned, so the baseline holds what a process costs whatever the model "
         "(process groups, threads, first-use caches); 'of which fixed cost' is what that "
-        "warm-up step left behind (the first case of each launch pays it). Start-up peak while "
-        "building and initialising the model, ÷ its parameter bytes; training peak over the "
-        "warm-up and timed steps, ÷ (params + grads + AdamW + saved activations). Target: both "
-        "÷ <= 1.25",
+        "warm-up step left behind (every layout runs in fresh processes, so every row pays "
+        "it). Start-up peak while building and initialising the model, ÷ its parameter bytes; "
+        "training peak over the warm-up and timed steps, ÷ (params + grads + AdamW + saved "
+        "activations). Target: both ÷ <= 1.25",
         "RSS columns run with the default host allocator setting (job.malloc_mmap_threshold_kb "
         "= -1: 64 KiB while the model is built; then 64 KiB on FSDP ranks, 256 MiB on the "
         "others, whose model state fits comfortably: a step's temporaries are reused instead "

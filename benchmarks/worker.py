@@ -35,6 +35,8 @@ from step_profile import mesh_groups, profiled_steps  # noqa: E402
 from gpt3d import host_memory  # noqa: E402
 from gpt3d.config import load_config  # noqa: E402
 from gpt3d.launch import guarded_main  # noqa: E402
+from gpt3d.parallel.utils import dist_env  # noqa: E402
+from gpt3d.preflight import preflight  # noqa: E402
 from gpt3d.trainer import Trainer  # noqa: E402
 from tests.helpers import cases_main  # noqa: E402
 
@@ -169,8 +171,8 @@ def warm_up_process(args: list[str]) -> None:
     sequences), then everything it built dropped: what stays is the process's fixed cost of
     having trained at all (process groups and their buffers, autograd's and gloo's threads,
     kernels' first-use caches, lazily imported code), whatever the model's size."""
-    head = next((a.split("=")[1] for a in args if a.startswith("--model.n_head=")), "4")
-    tiny = [*args, f"--model.n_embd={8 * int(head)}", "--training.seq_len=16"]
+    heads = preflight(load_config(args), dist_env().world_size).model.n_head  # preset resolved
+    tiny = [*args, f"--model.n_embd={8 * heads}", "--training.seq_len=16"]
     trainer = Trainer.from_config(load_config(tiny))
     trainer.train_step()
     del trainer
