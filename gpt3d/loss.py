@@ -17,7 +17,9 @@ dominate a small model's step:
 - under loss parallel the logits are a DTensor sharded over the vocabulary on the tp mesh:
   each rank works on its own columns, and two all-reduces of a few floats per token combine
   the per-rank log-sum-exp and the target logit (what torch's loss_parallel does, minus the
-  copies).
+  copies). With the table sharded over dp_shard (gpt3d/parallel/vocab_over_dp.py) the
+  logits hold every dp rank's tokens: the targets are gathered the same way, and each rank
+  returns the loss of its own tokens.
 """
 
 from __future__ import annotations
@@ -53,9 +55,22 @@ def token_loss_sum(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
     assert placement.is_shard(logits.ndim - 1), f"vocab-sharded logits expected: {placement}"
     _, offset = compute_local_shape_and_global_offset(logits.shape, mesh, logits.placements)
     local = logits.to_local()  # (B, T, V / tp); its gradient becomes a Shard(-1) DTensor
+    group, mine = mesh.get_group(), None
+    if logits.shape[:-1].numel() != targets.numel():  # every dp rank's tokens (vocab_over_dp)
+        targets, mine = _every_ranks_targets(targets, group)
     return _VocabCrossEntropy.apply(
-        local.reshape(-1, local.shape[-1]), targets, offset[-1], vocab_size, mesh.get_group()
+        local.reshape(-1, local.shape[-1]), targets, offset[-1], vocab_size, group, mine
     )
+
+
+def _every_ranks_targets(targets: Tensor, group) -> tuple[Tensor, slice]:
+    """This rank's targets (N,) -> every rank's (ranks · N,), and where this rank's are."""
+    import torch.distributed as dist
+
+    n, rank = targets.numel(), dist.get_rank(group)
+    every = targets.new_empty(n * dist.get_world_size(group))
+    dist.all_gather_single(every, targets.contiguous(), group=group)
+    return every, slice(rank * n, (rank + 1) * n)
 
 
 _eager_token_loss_sum = torch.compiler.disable(token_loss_sum)
@@ -63,20 +78,24 @@ _eager_token_loss_sum = torch.compiler.disable(token_loss_sum)
 
 class _VocabCrossEntropy(torch.autograd.Function):
     """sum_n lse(x_n[:vocab]) - x_n[target_n] for x: (N, V_local) = this rank's columns
-    [col0, col0 + V_local) of the logits; group: the tp group when the columns are split."""
+    [col0, col0 + V_local) of the logits; group: the tp group when the columns are split.
+    mine: when the rows are every data-parallel rank's tokens (gpt3d.parallel.vocab_over_dp),
+    the rows whose loss is this rank's share. The gradient still covers every row: the
+    ranks' shares add up to the loss, and only this rank holds these columns."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, targets: Tensor, col0: int, vocab_size: int, group):
+    def forward(ctx, x: Tensor, targets: Tensor, col0: int, vocab_size: int, group, mine=None):
         real = max(0, min(x.shape[1], vocab_size - col0))  # this rank's real columns
         lse, target_logit = _lse_and_target_logit(x[:, :real], targets - col0, group)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(_softmax_minus_onehot_(x, real, lse, targets - col0))
-        return (lse - target_logit).sum()
+        per_token = lse - target_logit  # (N,)
+        return (per_token if mine is None else per_token[mine]).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None
 
 
 def _rows_per_chunk(x: Tensor) -> int:

@@ -48,6 +48,7 @@ class RunPlan:
     pretrained: object | None  # gpt3d.hf.LazyHFWeights to start from (never when resuming)
     ep_rules: tuple = ()  # the plan's [experts] rules (gpt3d.parallel.expert_parallel)
     dp_choice: str = ""  # why parallel.dp_mode is what it is
+    embedding_choice: str = ""  # why parallel.embedding_sharding is what it is
 
     def describe(self) -> str:
         start = (
@@ -58,6 +59,8 @@ class RunPlan:
             else f"fresh init (seed {self.config.job.seed})"
         )
         dp = f"; data parallel: {self.dp_choice}" if self.dims.dp > 1 else ""
+        if self.embedding_choice:
+            dp += f"; embedding table: {self.embedding_choice}"
         return f"layout {self.dims.describe()}{dp}; model {describe(self.model)}; {start}"
 
 
@@ -74,6 +77,7 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
     dp_choice = choose_dp_mode(cfg, model, world_size)  # parallel.dp_mode "auto" -> fsdp/ddp
     dims = resolve_dims(cfg.parallel, world_size)
     check_layout(dims, model, cfg.training, cfg.parallel)
+    embedding_choice = choose_embedding_sharding(cfg, model, dims)
     check_outputs(cfg, world_size)
     rules = _plan_rules(model, cfg, dims) if dims.tp > 1 or dims.ep > 1 else ()
     tp_rules = tuple(r for r in rules if r.section == "modules") if dims.tp > 1 else ()
@@ -87,7 +91,10 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
         from gpt3d.hf import LazyHFWeights
 
         pretrained = LazyHFWeights(pretrained_path, model)  # checks every tensor's shape
-    return RunPlan(cfg, model, dims, tp_rules, dataset, resume, pretrained, ep_rules, dp_choice)
+    return RunPlan(
+        cfg, model, dims, tp_rules, dataset, resume, pretrained, ep_rules, dp_choice,
+        embedding_choice,
+    )  # fmt: skip
 
 
 AUTO_DDP_FRACTION = 0.25  # replicate when the model state takes at most this of a rank's memory
@@ -108,6 +115,34 @@ def choose_dp_mode(cfg: Config, model: GPTConfig, world_size: int) -> str:
     fits, why = state_fits_comfortably(cfg, model, world_size)
     p.dp_mode = "ddp" if fits else "fsdp"
     return f"{p.dp_mode} (auto: {why}{'' if fits else ': shard it'})"
+
+
+def choose_embedding_sharding(cfg: Config, model: GPTConfig, dims: ParallelDims) -> str:
+    """parallel.embedding_sharding: "vocab" where the layout allows it (asked for: checked)
+    and, for "auto", where the gathered tokens of a microbatch are at most half the padded
+    vocabulary (gpt3d.parallel.vocab_over_dp.vocab_rows_pay); "fsdp" otherwise. Sets the
+    concrete value in cfg and returns why ('' when there is no FSDP root to speak of)."""
+    from gpt3d.parallel.vocab_over_dp import WHAT, vocab_rows_pay, why_not_vocab_rows
+
+    p, t = cfg.parallel, cfg.training
+    why_not = why_not_vocab_rows(dims, p.dp_mode)
+    if p.embedding_sharding == "vocab":
+        _require(not why_not, f"parallel.embedding_sharding=vocab: {why_not}")
+        return f"{WHAT} (parallel.embedding_sharding)"
+    if p.embedding_sharding == "fsdp" or why_not:
+        asked, p.embedding_sharding = p.embedding_sharding == "fsdp", "fsdp"
+        if p.dp_mode != "fsdp" or dims.dp == 1:
+            return ""
+        why = "parallel.embedding_sharding" if asked else f"auto: {WHAT} {why_not}"
+        return f"in FSDP's root group ({why})"
+    tokens = t.global_batch_size // (dims.dp * t.grad_accum) * t.seq_len
+    pays = vocab_rows_pay(dims.dp_shard, tokens, model.padded_vocab_size)
+    p.embedding_sharding = "vocab" if pays else "fsdp"
+    gathered = f"{dims.dp_shard * tokens} gathered tokens per microbatch"
+    vocab = f"the {model.padded_vocab_size}-row vocabulary"
+    if pays:
+        return f"{WHAT} (auto: {gathered}, at most half {vocab})"
+    return f"in FSDP's root group (auto: {gathered}, over half {vocab})"
 
 
 def state_fits_comfortably(cfg: Config, model: GPTConfig, world_size: int) -> tuple[bool, str]:

@@ -129,7 +129,7 @@ class ScaledFP16ReduceScatter(ReduceScatter):
         scale = fp16_scale(group_amax(input_tensor, group), dist.get_world_size(group))
         wire = (input_tensor * scale).to(torch.float16)
         out = torch.empty(output_tensor.shape, dtype=torch.float16, device=output_tensor.device)
-        dist.reduce_scatter_tensor(out, wire, op=op, group=group)
+        dist.reduce_scatter_single(out, wire, op=op, group=group)
         output_tensor.copy_(out.to(output_tensor.dtype).div_(scale))
         return None
 

@@ -45,11 +45,14 @@ def apply_data_parallel(
     plan: ReductionPlan | None = None,
     experts: list[nn.Module] = (),
     expert_mesh=None,
+    ignored: set[nn.Parameter] = frozenset(),
 ) -> None:
     """Wrap each transformer block, then the stage root, in FSDP2 or replicate (in place).
     plan: from compression.plan_reduction; None = float32 everywhere (the default).
     experts: expert-parallel modules (gpt3d/parallel/expert_parallel.py), wrapped first over
-    expert_mesh's efsdp axis (what dp_shard leaves after ep), so the blocks skip them."""
+    expert_mesh's efsdp axis (what dp_shard leaves after ep), so the blocks skip them.
+    ignored: parameters the root leaves alone (a table sharded by gpt3d.parallel.vocab_over_dp,
+    whose gradient is complete where it is computed)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     plan = plan or default_plan(dims, mode)
@@ -69,7 +72,11 @@ def apply_data_parallel(
         # Under pipelining each block runs once per microbatch: keep it unsharded between.
         def wrap(m):
             return fully_shard(
-                m, mesh=dmesh, mp_policy=mp_policy, reshard_after_forward=not pipelined
+                m,
+                mesh=dmesh,
+                mp_policy=mp_policy,
+                reshard_after_forward=not pipelined,
+                ignored_params=set(ignored) if m is model else None,
             )
 
     for m in experts:

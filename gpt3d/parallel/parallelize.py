@@ -4,6 +4,8 @@ steps that gpt3d/trainer.py calls one after the other:
     1. parallelize(run, mesh)        GPT on meta -> pipeline split -> tensor parallel (plan
                                      file) -> expert parallel (its [experts] rules) ->
                                      activation checkpointing -> compile per block
+                                     -> the table by vocabulary rows over dp_shard (when
+                                     parallel.embedding_sharding resolved to "vocab")
                                      -> FSDP2 / HSDP / DDP                   (no memory yet)
     2. materialize(parts, device, weights)   allocate this rank's shards, fill them from
                                      weights(name, full_shape, region) (init or pretrained)
@@ -30,6 +32,7 @@ from gpt3d.parallel.data_parallel import apply_data_parallel, grad_sync
 from gpt3d.parallel.dims import expert_mesh, n_microbatches
 from gpt3d.parallel.expert_parallel import apply_expert_parallel
 from gpt3d.parallel.tensor_parallel import apply_tensor_parallel, retie_embeddings
+from gpt3d.parallel.vocab_over_dp import shard_table_over_dp
 
 # (name, full shape, region: one slice per dim) -> that region of the parameter, fp32 CPU
 Weights = Callable[[str, torch.Size, tuple], torch.Tensor]
@@ -97,6 +100,9 @@ def parallelize(run, mesh) -> ModelParts:
         if training.compile and (training.compile_scope == "blocks" or dims.pp > 1):
             for block in chunk.h.values():
                 block.compile(mode=compile_mode(training))
+        table = set()  # the embedding table when FSDP leaves it sharded by vocabulary rows
+        if parallel.embedding_sharding == "vocab":
+            table = shard_table_over_dp(chunk, mesh["dp_shard"], param_dtype)
         if mesh is not None:
             apply_data_parallel(
                 chunk,
@@ -108,6 +114,7 @@ def parallelize(run, mesh) -> ModelParts:
                 reduction,
                 experts,
                 emesh,
+                table,
             )
         chunks.append(chunk)
     sync = None

@@ -58,17 +58,25 @@ def vocab_parallel_embedding(ids: Tensor, weight, seq_split: bool) -> Tensor:
     -> the embeddings (B, T, C), or this rank's sequence slice (B, T/tp, C) if seq_split."""
     if isinstance(ids, DTensor):
         ids = ids.to_local()
-    mesh = weight.device_mesh
-    _, (first, _) = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
-    rows = weight.to_local()  # (V/tp, C); its gradient reaches the parameter as Shard(0)
-    local = ids - first
-    outside = (local < 0) | (local >= rows.shape[0])
-    partial = F.embedding(local.masked_fill(outside, 0), rows)
-    partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)  # other ranks' tokens
-    group = mesh.get_group()
+    partial = local_rows_lookup(ids, weight)
+    group = weight.device_mesh.get_group()
     if seq_split:
         return _ReduceScatterSequence.apply(partial, group)
     return _AllReduce.apply(partial, group)
+
+
+def local_rows_lookup(ids: Tensor, weight, dtype: torch.dtype | None = None) -> Tensor:
+    """ids (..., T) of the whole table; weight: a DTensor Shard(0) over a 1-D mesh -> the
+    embeddings (..., T, C) of the ids in this rank's rows, zeros for the others (in dtype)."""
+    mesh = weight.device_mesh
+    _, (first, _) = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    rows = weight.to_local()  # (V/n, C); its gradient reaches the parameter as Shard(0)
+    if dtype is not None:
+        rows = rows.to(dtype)
+    local = ids - first
+    outside = (local < 0) | (local >= rows.shape[0])
+    partial = F.embedding(local.masked_fill(outside, 0), rows)
+    return partial.masked_fill(outside.unsqueeze(-1), 0.0)  # other ranks' tokens
 
 
 class _AllReduce(torch.autograd.Function):
@@ -96,7 +104,7 @@ class _ReduceScatterSequence(torch.autograd.Function):
         n = dist.get_world_size(group)
         seq_first = x.transpose(0, 1).contiguous()  # (T, B, C)
         out = seq_first.new_empty((seq_first.shape[0] // n, *seq_first.shape[1:]))
-        dist.reduce_scatter_tensor(out, seq_first, group=group)
+        dist.reduce_scatter_single(out, seq_first, group=group)
         return out.transpose(0, 1).contiguous()  # (B, T/tp, C)
 
     @staticmethod
@@ -104,5 +112,5 @@ class _ReduceScatterSequence(torch.autograd.Function):
         n = dist.get_world_size(ctx.group)
         piece = grad.transpose(0, 1).contiguous()  # (T/tp, B, C)
         whole = piece.new_empty((piece.shape[0] * n, *piece.shape[1:]))
-        dist.all_gather_into_tensor(whole, piece, group=ctx.group)
+        dist.all_gather_single(whole, piece, group=ctx.group)
         return whole.transpose(0, 1).contiguous(), None

@@ -135,6 +135,7 @@ def workload_and_layout(run, device_type: str):
         grad_accum=t.grad_accum,
         ac=t.activation_checkpointing,
         sequence_parallel=p.sequence_parallel,
+        embedding=p.embedding_sharding,
     )
     return w, lay
 

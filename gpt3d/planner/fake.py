@@ -56,12 +56,13 @@ def run_plan(w, lay):
     from gpt3d.config import gpt_config, load_config
     from gpt3d.parallel.dims import resolve_dims
     from gpt3d.planner.layout import train_args
-    from gpt3d.preflight import RunPlan, _plan_rules, check_layout
+    from gpt3d.preflight import RunPlan, _plan_rules, check_layout, choose_embedding_sharding
 
     cfg = load_config(train_args(w, lay))
     model = gpt_config(cfg.model)
     dims = resolve_dims(cfg.parallel, lay.world)
     check_layout(dims, model, cfg.training, cfg.parallel)
+    choose_embedding_sharding(cfg, model, dims)  # "auto" -> what recipes/train.py would use
     rules = _plan_rules(model, cfg, dims) if dims.tp > 1 or dims.ep > 1 else ()
     tp_rules = tuple(r for r in rules if r.section == "modules") if dims.tp > 1 else ()
     ep_rules = tuple(r for r in rules if r.section == "experts")

@@ -76,6 +76,7 @@ class Layout:
     ac: str = "none"
     sequence_parallel: bool = False
     ep: int = 1  # expert parallel (MoE): borrowed from dp_shard, not a factor of the world
+    embedding: str = "auto"  # parallel.embedding_sharding: auto, fsdp or vocab
 
     @property
     def dp(self) -> int:
@@ -109,6 +110,18 @@ class Layout:
         if self.pp == 1:
             return "-"
         return self.schedule + (f"/v{self.stages_per_rank}" if self.stages_per_rank > 1 else "")
+
+    def table_by_rows(self, w: Workload) -> bool:
+        """Whether the embedding table stays sharded by vocabulary rows over dp_shard
+        (gpt3d.parallel.vocab_over_dp), as parallel.embedding_sharding resolves on this
+        layout (gpt3d.preflight.choose_embedding_sharding)."""
+        from gpt3d.parallel.vocab_over_dp import vocab_rows_pay, why_not_vocab_rows
+
+        if self.embedding == "fsdp" or why_not_vocab_rows(self, self.dp_mode):
+            return False
+        tokens = self.microbatch_size(w.global_batch) * w.seq_len
+        pays = vocab_rows_pay(self.dp_shard, tokens, w.model.padded_vocab_size)
+        return self.embedding == "vocab" or pays
 
     @property
     def efsdp(self) -> int:
@@ -152,6 +165,7 @@ def parallel_config(lay: Layout):
         sequence_parallel=lay.sequence_parallel,
         dp_mode=lay.dp_mode,
         ep=lay.ep,
+        embedding_sharding=lay.embedding,
     )
 
 
@@ -257,7 +271,8 @@ def expert_degrees(w: Workload, dp_shard: int, mode: str) -> list[int]:
 TRAINING_KEYS = ("global_batch_size", "seq_len", "grad_accum", "dtype",
                  "activation_checkpointing", "ac_every")  # fmt: skip
 PARALLEL_KEYS = ("dp_replicate", "dp_shard", "pp", "tp", "ep", "dp_mode", "pp_schedule",
-                 "pp_microbatches", "pp_stages_per_rank", "sequence_parallel")  # fmt: skip
+                 "pp_microbatches", "pp_stages_per_rank", "sequence_parallel",
+                 "embedding_sharding")  # fmt: skip
 
 
 def train_args(w: Workload, lay: Layout) -> list[str]:
@@ -280,6 +295,7 @@ def layout_args(w: Workload, lay: Layout) -> list[str]:
     keys += ["pp_schedule", "pp_microbatches", "pp_stages_per_rank"] if lay.pp > 1 else []
     keys += ["sequence_parallel"] if lay.tp > 1 else []
     keys += ["ep"] if lay.ep > 1 else []
+    keys += ["embedding_sharding"] if lay.embedding != "auto" else []
     values = parallel_config(lay)
     args = [f"--parallel.{k}={_arg(getattr(values, k))}" for k in keys]
     args += [f"--training.grad_accum={lay.grad_accum}"] if lay.grad_accum > 1 else []

@@ -203,8 +203,12 @@ def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> Memor
         head = terms.head * (s == lay.n_stages - 1)
         alive.append(tokens * (blocks + head + terms.embed * (s == 0)))
     saved = float((states @ np.array(alive)).max())
+    if lay.table_by_rows(w):  # pp = 1: the head's saved tensors are alive at the peak
+        saved += table_rows_saved(w, lay, tokens)
     casts = 2 * (numel - root + head_rows(w, lay, stages)) if autocast(w, lay) else 0.0
     has_last = lay.n_stages - 1 in stages
+    if lay.table_by_rows(w):  # the table never joins FSDP's unsharded root
+        root -= counts.wte * (1 if w.model.tie_embeddings else 2)
     extra = transients(w, lay, tokens, numel, counts.block, root, has_last, 0 in stages)
     extra += pending * sum(blocks_mb) / len(blocks_mb)
     recompute = tokens * (terms.layer - terms.layer_ckpt) if last_ckpt else 0.0
@@ -226,6 +230,15 @@ def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> Memor
     )
 
 
+def table_rows_saved(w: Workload, lay: Layout, tokens: int) -> float:
+    """What the head saves beyond ActTerms.head when the table stays sharded by vocabulary
+    rows (gpt3d.parallel.vocab_over_dp): every dp_shard rank's hidden states instead of this
+    rank's, and in bf16 the cast of the local rows (FSDP's unsharded copy otherwise)."""
+    a, C = DTYPE_BYTES[w.dtype], w.model.n_embd
+    cast = a * w.model.padded_vocab_size * C / lay.dp_shard if a < 4 else 0.0
+    return (lay.dp_shard - 1) * tokens * C * a + cast
+
+
 def head_rows(w: Workload, lay: Layout, stages: list[int]) -> float:
     """Elements of the lm_head weight a stage list multiplies with (autocast casts it)."""
     last = lay.n_stages - 1 in stages
@@ -239,6 +252,8 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     keeps its unsharded state all step):
       head      the lm_head's weight gradient in the compute dtype, its input gradient,
                 gpt3d.loss's fp32 chunk buffers; FSDP without pp: the unsharded root
+                (without the table when it stays sharded by vocabulary rows: then the
+                dp_shard ranks' gathered hidden states and their gradient instead)
       embedding tp > 1, first stage: the vocab-parallel embedding's backward builds its
                 rows' gradient (V/tp x C) per microbatch before adding it to the
                 accumulated one (gpt3d.parallel.vocab_parallel)
@@ -255,6 +270,8 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
         rows = min(tokens, max(16, LOSS_CHUNK[w.device] // max(1, V // lay.tp)))
         head = (p * C + rows * 4 * (2 if p < 4 else 1)) * V / lay.tp + 4 * tokens * C
         head += p * root if fsdp and lay.pp == 1 else 0.0
+        if lay.table_by_rows(w):  # every dp rank's hidden states and their gradient
+            head += (p + 4) * lay.dp_shard * tokens * C
     embed = p * V * C / lay.tp if first and lay.tp > 1 else 0.0
     if lay.dp == 1:
         wrapper = 0.0

@@ -29,6 +29,7 @@ REFERENCES = {
 }
 TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
 FSDP = "--parallel.dp_mode=fsdp"  # the default, auto, would pick ddp for this small model
+VOCAB = "--parallel.embedding_sharding=vocab"  # auto keeps it in FSDP's root here
 
 
 # name -> (world size, reference, layout overrides); layouts written as (dp, pp, tp)
@@ -40,6 +41,8 @@ CASES = {
     "fsdp2": (2, "tied", [FSDP]),
     "ddp2": (2, "tied", ["--parallel.dp_mode=ddp"]),
     "fsdp2_grad_accum": (2, "tied", [FSDP, "--training.grad_accum=2"]),
+    "fsdp2_vocab_rows": (2, "tied", [FSDP, VOCAB]),
+    "fsdp2_vocab_rows_untied_accum": (2, "untied", [FSDP, VOCAB, "--training.grad_accum=2"]),
     "pp2_1f1b_grad_accum": (2, "tied", [*pp(2, "1F1B", 4), "--training.grad_accum=2"]),
     "pp2_gpipe": (2, "tied", pp(2, "GPipe", 4)),
     "pp2_1f1b": (2, "tied", pp(2, "1F1B", 4)),
@@ -49,6 +52,7 @@ CASES = {
     "pp2_zbv": (2, "tied", pp(2, "ZBVZeroBubble", 4, 2)),
     "pp2_dualpipev": (2, "tied", pp(2, "DualPipeV", 4, 2)),
     "tp4": (4, "tied", [f"{TP}=4"]),
+    "fsdp4_vocab_rows_padded": (4, "padded", [FSDP, VOCAB]),
     "hsdp_2x2": (4, "tied", ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     "pp4_1f1b": (4, "tied", pp(4, "1F1B", 8)),
     "dp2_pp2": (4, "tied", [FSDP, *pp(2, "1F1B", 4)]),

@@ -1,0 +1,90 @@
+"""parallel.embedding_sharding: which layouts keep the table sharded by vocabulary rows over
+dp_shard (gpt3d/parallel/vocab_over_dp.py), what `auto` picks, the error when it is asked for
+where it cannot work, and that the planner resolves it as recipes/train.py does. The numbers
+(losses, gradients, parameters against one process) are in tests/distributed/test_parity.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt3d.config import load_config
+from gpt3d.errors import ConfigError
+from gpt3d.planner.layout import Layout, Workload
+from gpt3d.preflight import preflight
+
+TINY = ["--model.preset=tiny", "--model.pad_vocab_multiple=64", "--parallel.dp_mode=fsdp"]
+
+
+def resolved(world: int, *args: str) -> tuple[str, str]:
+    run = preflight(load_config([*TINY, *args]), world)
+    return run.config.parallel.embedding_sharding, run.embedding_choice
+
+
+def test_auto_shards_by_rows_when_the_gathered_tokens_are_few():
+    # 2 ranks x 4 sequences x 64 tokens = 512 gathered rows against 50304 vocabulary rows
+    mode, why = resolved(2, "--training.global_batch_size=8", "--training.seq_len=64")
+    assert mode == "vocab"
+    assert "auto: 512 gathered tokens per microbatch, at most half the 50304-row" in why
+
+
+def test_auto_keeps_the_table_in_fsdp_when_the_gathered_tokens_outgrow_it():
+    # 2 ranks x 128 x 128 = 32768 gathered rows: more than half of 50304
+    mode, why = resolved(2, "--training.global_batch_size=256", "--training.seq_len=128")
+    assert mode == "fsdp"
+    assert "auto: 32768 gathered tokens per microbatch, over half" in why
+    # gradient accumulation makes the microbatch, and so the gathered tokens, smaller
+    args = ["--training.global_batch_size=256", "--training.seq_len=128"]
+    assert resolved(2, *args, "--training.grad_accum=4")[0] == "vocab"
+
+
+@pytest.mark.parametrize(
+    ("world", "args", "reason"),
+    [
+        (2, ["--parallel.tp=2"], "dp_shard > 1"),  # tp takes the whole world
+        (4, ["--parallel.tp=2", "--parallel.dp_shard=2"], "tp = 1"),
+        (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], "no dp_replicate"),
+        (2, ["--parallel.dp_mode=ddp"], "dp_mode=fsdp"),
+    ],
+)
+def test_asking_for_rows_where_they_cannot_work_is_a_config_error(world, args, reason):
+    with pytest.raises(ConfigError, match="parallel.embedding_sharding=vocab: it needs") as e:
+        resolved(world, "--parallel.embedding_sharding=vocab", *args)
+    assert reason in str(e.value)
+    # auto on the same layout quietly keeps the table in FSDP (or has no FSDP root at all)
+    assert resolved(world, *args)[0] == "fsdp"
+
+
+def test_an_explicit_fsdp_is_kept_and_said():
+    mode, why = resolved(2, "--parallel.embedding_sharding=fsdp")
+    assert (mode, why) == ("fsdp", "in FSDP's root group (parallel.embedding_sharding)")
+
+
+@pytest.mark.parametrize(
+    ("batch", "layout"),
+    [
+        (8, Layout(dp_shard=2)),
+        (256, Layout(dp_shard=2)),
+        (256, Layout(dp_shard=2, grad_accum=4)),
+        (8, Layout(dp_shard=2, tp=2)),
+        (8, Layout(dp_shard=2, embedding="fsdp")),
+        (8, Layout(dp_shard=4, pp=2, microbatches=2)),
+    ],
+)
+def test_the_planner_resolves_auto_as_the_run_does(batch, layout):
+    run = preflight(
+        load_config(
+            [
+                *TINY,
+                f"--training.global_batch_size={batch}",
+                "--training.seq_len=128",
+                f"--training.grad_accum={layout.grad_accum}",
+                f"--parallel.dp_shard={layout.dp_shard}",
+                f"--parallel.tp={layout.tp}",
+                f"--parallel.pp={layout.pp}",
+                f"--parallel.embedding_sharding={layout.embedding}",
+            ]
+        ),
+        layout.world,
+    )
+    w = Workload(run.model, 128, batch, "float32", (), 1, "cpu")
+    assert layout.table_by_rows(w) == (run.config.parallel.embedding_sharding == "vocab")
