@@ -52,6 +52,7 @@ MEMORY_LAYOUTS = {
     "pp2 1F1B": LAYOUTS["pp2 1F1B"],
     "pp2 ZBVZeroBubble": LAYOUTS["pp2 ZBVZeroBubble"],
     "dp4 FSDP": (4, [FSDP]),
+    "dp4 FSDP, table in root": (4, [FSDP, "--parallel.embedding_sharding=fsdp"]),
     "tp4": (4, ["--parallel.tp=4"]),
     "dp2×tp2 FSDP+SP": LAYOUTS["dp2×tp2 FSDP+SP"],
     "dp2×pp2 FSDP": (4, [FSDP, *pp_args(2, "1F1B", 4)]),
@@ -59,6 +60,7 @@ MEMORY_LAYOUTS = {
     "dp2×pp2×tp2 FSDP+SP": (8, [FSDP, TP2, SP, *pp_args(2, "1F1B", 4)]),
 }
 MiB = 2**20
+TABLE = {"vocab": "rows", "fsdp": "root"}  # where FSDP keeps the embedding table
 LEAN = "--job.malloc_mmap_threshold_kb=64"  # glibc's mmap threshold pinned low on every rank
 
 
@@ -75,6 +77,7 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
         "layout": name,
         "world": ranks[0]["world"],
         "shards": d["tp"] * d["pp"] * d["dp_shard"],
+        "table": TABLE.get(ranks[0].get("embedding_sharding"), "-") if d["dp_shard"] > 1 else "-",
         "param_MiB": worst["param_bytes"] / MiB,
         "grad_MiB": worst["grad_bytes"] / MiB,
         "optim_MiB": worst["optim_bytes"] / MiB,
@@ -242,7 +245,7 @@ def main() -> None:
         row["planner_MiB"] = planner_total_MiB([*base, *layout], world)
         row["rss_train_x_planner"] = row["rss_train_MiB"] / row["planner_MiB"]
     cols = columns(
-        "layout:layout:s; world:procs:d; shards:tp·pp·dp_shard:d;"
+        "layout:layout:s; world:procs:d; shards:tp·pp·dp_shard:d; table:table:s;"
         "param_MiB:params:.2f; grad_MiB:grads:.2f; optim_MiB:AdamW:.2f;"
         "state_MiB:state max:.2f; state_min_MiB:state min:.2f;"
         "theory_MiB:theory:.2f; vs_theory:max / theory:.3f;"
@@ -284,6 +287,10 @@ def main() -> None:
         "= -1: 64 KiB while the model is built; then 64 KiB on FSDP ranks, 256 MiB on the "
         "others, whose model state fits comfortably: a step's temporaries are reused instead "
         "of re-faulted); 'lean' columns: the same layouts with 64 KiB throughout",
+        "table: where FSDP keeps the embedding table (parallel.embedding_sharding as "
+        "resolved, auto unless the layout says): rows = sharded by vocabulary rows over "
+        "dp_shard all step, ids and hidden states gathered instead; root = in FSDP's root "
+        "group, gathered whole for the step with its whole gradient",
         "planner total: the analytic planner's prediction for the fullest rank (state + "
         "activations + the temporaries it models: FSDP's unsharded blocks and root with the "
         "tied embedding, the logits path); ÷ planner = training RSS above base ÷ it",

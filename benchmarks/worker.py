@@ -219,6 +219,7 @@ def run_case(spec: dict, out: Path) -> None:
         "rank": trainer.env.rank,
         "world": trainer.env.world_size,
         "layout": trainer.dims.describe(),
+        "embedding_sharding": trainer.cfg.parallel.embedding_sharding,  # as resolved
         "dp_mode": trainer.cfg.parallel.dp_mode,  # what parallel.dp_mode = "auto" chose
         "tokens_per_step": trainer.tokens_per_step(),
         "step_s": steps,
