@@ -52,7 +52,7 @@ MEMORY_LAYOUTS = {
     "pp2 1F1B": LAYOUTS["pp2 1F1B"],
     "pp2 ZBVZeroBubble": LAYOUTS["pp2 ZBVZeroBubble"],
     "dp4 FSDP": (4, [FSDP]),
-    "dp4 FSDP, table in root": (4, [FSDP, "--parallel.embedding_sharding=fsdp"]),
+    "dp4 FSDP (table in root)": (4, [FSDP, "--parallel.embedding_sharding=fsdp"]),
     "tp4": (4, ["--parallel.tp=4"]),
     "dp2×tp2 FSDP+SP": LAYOUTS["dp2×tp2 FSDP+SP"],
     "dp2×pp2 FSDP": (4, [FSDP, *pp_args(2, "1F1B", 4)]),
