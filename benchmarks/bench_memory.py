@@ -46,6 +46,7 @@ from common import (
     write_results,
 )
 
+RESHARD = "--parallel.fsdp_reshard_per_microbatch=true"
 MEMORY_LAYOUTS = {
     **{k: LAYOUTS[k] for k in ("1 process", "dp2 FSDP", "dp2 DDP", "tp2", "tp2+SP")},
     "pp2 GPipe": LAYOUTS["pp2 GPipe"],
@@ -56,8 +57,13 @@ MEMORY_LAYOUTS = {
     "tp4": (4, ["--parallel.tp=4"]),
     "dp2×tp2 FSDP+SP": LAYOUTS["dp2×tp2 FSDP+SP"],
     "dp2×pp2 FSDP": (4, [FSDP, *pp_args(2, "1F1B", 4)]),
+    "dp2×pp2 FSDP resharded per microbatch": (4, [FSDP, *pp_args(2, "1F1B", 4), RESHARD]),
     "tp2×pp2 1F1B": LAYOUTS["tp2×pp2 1F1B"],
     "dp2×pp2×tp2 FSDP+SP": (8, [FSDP, TP2, SP, *pp_args(2, "1F1B", 4)]),
+    "dp2×pp2×tp2 FSDP+SP resharded per microbatch": (
+        8,
+        [FSDP, TP2, SP, *pp_args(2, "1F1B", 4), RESHARD],
+    ),
 }
 MiB = 2**20
 TABLE = {"vocab": "rows", "fsdp": "root"}  # where FSDP keeps the embedding table

@@ -229,6 +229,13 @@ class ParallelConfig:
     powersgd_start_step: int = _f(
         10, "optimizer steps reduced uncompressed before PowerSGD starts", ge=0
     )
+    fsdp_reshard_per_microbatch: bool = _f(
+        False,
+        "FSDP under pp: reshard each block after every microbatch's forward and backward and "
+        "reduce-scatter its gradient each time, so a rank never holds its stage unsharded "
+        "(torch's schedules otherwise keep it whole for the step); costs microbatches x "
+        "FSDP's traffic; not with the split-backward schedules",
+    )
     embedding_sharding: str = _f(
         "auto",
         "how FSDP holds the token embedding / lm_head table: fsdp (in the root group: gathered "

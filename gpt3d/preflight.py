@@ -28,6 +28,7 @@ from gpt3d.errors import CheckpointError, ConfigError, DataError, missing_extra
 from gpt3d.model import GPTConfig, count_params_formula, describe
 from gpt3d.parallel.dims import (
     SINGLE_STAGE_SCHEDULES,
+    SPLIT_BACKWARD_SCHEDULES,
     V_SCHEDULES,
     ParallelDims,
     n_microbatches,
@@ -281,6 +282,7 @@ def check_layout(dims: ParallelDims, model: GPTConfig, training, parallel) -> No
     _check_batch(dims, training, parallel)
     _check_experts(dims, model, training, parallel)
     _check_grad_reduction(dims, parallel)
+    _check_reshard_per_microbatch(dims, parallel)
 
 
 def _check_tp(tp: int, model: GPTConfig, training, parallel) -> None:
@@ -395,6 +397,23 @@ def _check_grad_reduction(dims: ParallelDims, parallel) -> None:
         f"{why}: an FSDP reduce-scatter cannot be low-rank compressed (each rank keeps only "
         "its shard); use --parallel.dp_mode=ddp, HSDP (dp_replicate > 1 and dp_shard > 1), "
         "or --parallel.grad_reduce_dtype=bfloat16"
+    )
+
+
+def _check_reshard_per_microbatch(dims: ParallelDims, parallel) -> None:
+    if not parallel.fsdp_reshard_per_microbatch:
+        return
+    flag = "parallel.fsdp_reshard_per_microbatch"
+    _require(
+        dims.pp > 1 and dims.dp_shard > 1 and parallel.dp_mode == "fsdp",
+        f"{flag} is for FSDP under pipelining (pp > 1, dp_shard > 1, dp_mode=fsdp); without "
+        "pp FSDP reshards after every block already",
+    )
+    _require(
+        parallel.pp_schedule not in SPLIT_BACKWARD_SCHEDULES,
+        f"{flag} does not work with {parallel.pp_schedule}: a split backward computes the "
+        "weight gradients after FSDP's per-block hook would have reduce-scattered them; use "
+        "GPipe, 1F1B, Interleaved1F1B or LoopedBFS",
     )
 
 

@@ -109,6 +109,28 @@ RUN_ERRORS = {
         ],
         "multiple of the rounds",
     ),
+    "reshard per microbatch without pp": (
+        2,
+        ["--parallel.dp_mode=fsdp", "--parallel.fsdp_reshard_per_microbatch=true"],
+        "is for FSDP under pipelining",
+    ),
+    "reshard per microbatch with a split backward": (
+        4,
+        [
+            *_PLAN_OK,
+            "--parallel.dp_mode=fsdp",
+            "--parallel.pp=2",
+            "--parallel.pp_schedule=ZBVZeroBubble",
+            "--parallel.pp_stages_per_rank=2",
+            "--parallel.fsdp_reshard_per_microbatch=true",
+        ],
+        "does not work with ZBVZeroBubble",
+    ),
+    "table by vocabulary rows with tp": (
+        4,
+        [*_PLAN_OK, "--parallel.tp=2", "--parallel.embedding_sharding=vocab"],
+        "tp = 1 (tp splits the rows already)",
+    ),
     "plan name": (2, ["--parallel.tp=2", "--parallel.plan=gpt_tq"], "not a shipped plan"),
     "plan file missing": (2, ["--parallel.tp=2", "--parallel.plan=nope.toml"], "nope.toml"),
 }

@@ -69,7 +69,8 @@ def apply_data_parallel(
         def wrap(m):
             return replicate(m, mesh=dmesh, mp_policy=mp_policy)
     else:
-        # Under pipelining each block runs once per microbatch: keep it unsharded between.
+        # Under pipelining each block runs once per microbatch: keep it unsharded between
+        # (unless parallel.fsdp_reshard_per_microbatch: then `pipelined` is False here).
         def wrap(m):
             return fully_shard(
                 m,

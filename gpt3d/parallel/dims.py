@@ -25,6 +25,8 @@ MULTI_STAGE_SCHEDULES = (
 )
 PP_SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")  # stage placement in a V, exactly 2 per rank
+# Schedules that split a microbatch's backward into input (I) and weight (W) gradients.
+SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 
 
 @dataclass(frozen=True)

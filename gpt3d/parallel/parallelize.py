@@ -110,7 +110,7 @@ def parallelize(run, mesh) -> ModelParts:
                 dims,
                 parallel.dp_mode,
                 param_dtype,
-                dims.pp > 1,
+                dims.pp > 1 and not parallel.fsdp_reshard_per_microbatch,
                 reduction,
                 experts,
                 emesh,
@@ -222,8 +222,9 @@ def local_region(param: torch.Tensor) -> tuple[slice, ...]:
 def build_schedule(parts: ModelParts, mesh, device: torch.device, parallel, loss_fn) -> None:
     """Step 3 (pp > 1): wrap each chunk in a PipelineStage and attach the schedule."""
     group = mesh["pp"].get_group()
+    between = parallel.fsdp_reshard_per_microbatch
     stages = [
-        pp_lib.build_pipeline_stage(chunk, s, parts.n_stages, device, group)
+        pp_lib.build_pipeline_stage(chunk, s, parts.n_stages, device, group, between)
         for chunk, s in zip(parts.chunks, parts.stage_ids, strict=True)
     ]
     for stage, chunk in zip(stages, parts.chunks, strict=True):

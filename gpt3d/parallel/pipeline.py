@@ -57,10 +57,39 @@ def build_stage_module(cfg: GPTConfig, stage: int, n_stages: int, layers: range)
     return model
 
 
-def build_pipeline_stage(module: nn.Module, stage: int, n_stages: int, device, pp_group):
+def build_pipeline_stage(
+    module: nn.Module, stage: int, n_stages: int, device, pp_group, sharded_between=False
+):
+    """sharded_between: FSDP stays sharded between microbatches
+    (parallel.fsdp_reshard_per_microbatch)."""
     from torch.distributed.pipelining import PipelineStage
 
-    return PipelineStage(module, stage, n_stages, device, group=pp_group)
+    cls = _sharded_between_microbatches_stage() if sharded_between else PipelineStage
+    return cls(module, stage, n_stages, device, group=pp_group)
+
+
+def _sharded_between_microbatches_stage():
+    """A PipelineStage whose backward leaves FSDP's settings alone. torch 2.13's stage turns
+    reshard-after-backward and gradient sync off for every microbatch but the last
+    (backward_maybe_with_nosync), so an FSDP stage stays unsharded, with unsharded
+    gradients, for the whole step. Here every microbatch's backward is a plain FSDP backward:
+    each block is resharded and its gradient reduce-scattered into the sharded gradient
+    (FSDP2 adds to it), as in gradient accumulation without pipelining. Full backward only
+    (preflight refuses the split-backward schedules)."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining._backward import stage_backward
+
+    class ShardedBetweenMicrobatchesStage(PipelineStage):
+        def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
+            if backward_type != "full":
+                raise RuntimeError(f"{backward_type} backward: only a full backward keeps FSDP "
+                                   "sharded between microbatches")  # fmt: skip
+            grads = stage_backward(
+                bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"]
+            )
+            return grads, None
+
+    return ShardedBetweenMicrobatchesStage
 
 
 def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):

@@ -136,6 +136,7 @@ def workload_and_layout(run, device_type: str):
         ac=t.activation_checkpointing,
         sequence_parallel=p.sequence_parallel,
         embedding=p.embedding_sharding,
+        reshard_per_microbatch=p.fsdp_reshard_per_microbatch,
     )
     return w, lay
 

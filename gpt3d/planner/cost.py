@@ -19,8 +19,11 @@
   dp comm    FSDP: all-gather of the parameters in the param dtype twice per microbatch
              (forward, backward re-gather) and reduce-scatter of fp32 gradients once; with
              pp > 1 once per step (reshard_after_forward=False, gradient sync only on the
-             last microbatch). HSDP adds an all-reduce of the shard over dp_replicate. DDP:
-             one all-reduce of fp32 gradients. Hidden behind comm_overlap x the compute it
+             last microbatch), per microbatch with parallel.fsdp_reshard_per_microbatch. A
+             table sharded by vocabulary rows (parallel.embedding_sharding) is not gathered:
+             per microbatch three (dp_shard tokens, C) all-gather-sized transfers instead.
+             HSDP adds an all-reduce of the shard over dp_replicate. DDP: one all-reduce of
+             fp32 gradients. Hidden behind comm_overlap x the compute it
              can overlap (all microbatches without pp, one with pp), never below
              `dp_exposed` of it (default 1 / (FSDP units + 1): the first all-gather and the
              last reduce-scatter have nothing to hide behind).
@@ -197,18 +200,26 @@ def dp_comm(w: Workload, lay: Layout, cluster: Cluster, numel: float) -> float:
     """Seconds of data-parallel traffic per step (before any overlap)."""
     if lay.dp == 1:
         return 0.0
-    syncs = 1 if lay.pp > 1 else lay.grad_accum
+    per_microbatch = lay.pp == 1 or lay.reshard_per_microbatch
+    syncs = lay.n_microbatches if per_microbatch else 1
     shard_link = cluster.link(lay.tp, lay.dp_shard)
     rep_link = cluster.link(lay.tp * lay.dp_shard, lay.dp_replicate)
     grads = 4 * numel  # fp32 gradient reduction (MixedPrecisionPolicy reduce_dtype)
     if lay.dp_mode == "ddp":
         return syncs * rep_link.time("all_reduce", lay.dp_replicate, grads)
-    gathers = 1 if lay.pp > 1 else 2
-    params = DTYPE_BYTES[w.dtype] * numel
+    gathers = 1 if lay.fsdp_whole_stage else 2
+    rows = 0.0  # the table sharded by vocabulary rows: activations move instead, per microbatch
+    if lay.table_by_rows(w):
+        C = w.model.n_embd
+        numel -= w.model.padded_vocab_size * C * (1 if w.model.tie_embeddings else 2)
+        tokens = lay.microbatch_size(w.global_batch) * w.seq_len * lay.dp_shard
+        moved = DTYPE_BYTES[w.dtype] * tokens * C  # embeddings, hidden states, their gradient
+        rows = lay.n_microbatches * 3 * shard_link.time("all_gather", lay.dp_shard, moved)
+    params, grads = DTYPE_BYTES[w.dtype] * numel, 4 * numel
     t = gathers * shard_link.time("all_gather", lay.dp_shard, params)
     t += shard_link.time("reduce_scatter", lay.dp_shard, grads)
     t += rep_link.time("all_reduce", lay.dp_replicate, grads / lay.dp_shard)
-    return syncs * t
+    return syncs * t + rows
 
 
 def mfu(w: Workload, cluster: Cluster, step_s: float) -> float:

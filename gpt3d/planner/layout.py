@@ -77,6 +77,7 @@ class Layout:
     sequence_parallel: bool = False
     ep: int = 1  # expert parallel (MoE): borrowed from dp_shard, not a factor of the world
     embedding: str = "auto"  # parallel.embedding_sharding: auto, fsdp or vocab
+    reshard_per_microbatch: bool = False  # parallel.fsdp_reshard_per_microbatch (FSDP + pp)
 
     @property
     def dp(self) -> int:
@@ -124,6 +125,12 @@ class Layout:
         return self.embedding == "vocab" or pays
 
     @property
+    def fsdp_whole_stage(self) -> bool:
+        """FSDP under pp keeping the stage unsharded for the step (torch's schedules)."""
+        fsdp = self.dp > 1 and self.dp_mode == "fsdp"
+        return fsdp and self.pp > 1 and not self.reshard_per_microbatch
+
+    @property
     def efsdp(self) -> int:
         """FSDP degree of the experts (what dp_shard leaves after ep)."""
         return self.dp_shard // self.ep
@@ -166,6 +173,7 @@ def parallel_config(lay: Layout):
         dp_mode=lay.dp_mode,
         ep=lay.ep,
         embedding_sharding=lay.embedding,
+        fsdp_reshard_per_microbatch=lay.reshard_per_microbatch,
     )
 
 
@@ -272,7 +280,7 @@ TRAINING_KEYS = ("global_batch_size", "seq_len", "grad_accum", "dtype",
                  "activation_checkpointing", "ac_every")  # fmt: skip
 PARALLEL_KEYS = ("dp_replicate", "dp_shard", "pp", "tp", "ep", "dp_mode", "pp_schedule",
                  "pp_microbatches", "pp_stages_per_rank", "sequence_parallel",
-                 "embedding_sharding")  # fmt: skip
+                 "embedding_sharding", "fsdp_reshard_per_microbatch")  # fmt: skip
 
 
 def train_args(w: Workload, lay: Layout) -> list[str]:
@@ -296,6 +304,7 @@ def layout_args(w: Workload, lay: Layout) -> list[str]:
     keys += ["sequence_parallel"] if lay.tp > 1 else []
     keys += ["ep"] if lay.ep > 1 else []
     keys += ["embedding_sharding"] if lay.embedding != "auto" else []
+    keys += ["fsdp_reshard_per_microbatch"] if lay.reshard_per_microbatch else []
     values = parallel_config(lay)
     args = [f"--parallel.{k}={_arg(getattr(values, k))}" for k in keys]
     args += [f"--training.grad_accum={lay.grad_accum}"] if lay.grad_accum > 1 else []

@@ -31,7 +31,8 @@ Temporaries: the last stage's logits path (log-probs gradient and logits gradien
 B x T x V/tp each); FSDP without pp: two blocks (current + prefetched) unsharded in the param
 dtype plus their unsharded gradients, and the root (embeddings, head) the whole step; FSDP
 with pp: the stage's parameters stay unsharded and its gradients accumulate unsharded in fp32
-for the whole step (reshard_after_forward=False, no gradient sync until the last microbatch);
+for the whole step (reshard_after_forward=False, no gradient sync until the last microbatch),
+unless parallel.fsdp_reshard_per_microbatch: then as without pp;
 DDP (FSDP-based replicate) in bf16: a bf16 copy of every parameter; bf16 without data
 parallel: autocast's cache of bf16 weight casts.
 """
@@ -251,17 +252,19 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     error). Without pp the larger of the moments below, with pp their sum (a pipeline stage
     keeps its unsharded state all step):
       head      the lm_head's weight gradient in the compute dtype, its input gradient,
-                gpt3d.loss's fp32 chunk buffers; FSDP without pp: the unsharded root
+                gpt3d.loss's fp32 chunk buffers; FSDP without pp (or resharded per
+                microbatch): the unsharded root
                 (without the table when it stays sharded by vocabulary rows: then the
                 dp_shard ranks' gathered hidden states and their gradient instead)
       embedding tp > 1, first stage: the vocab-parallel embedding's backward builds its
                 rows' gradient (V/tp x C) per microbatch before adding it to the
                 accumulated one (gpt3d.parallel.vocab_parallel)
-      wrapper   FSDP without pp: the current and the prefetched block unsharded plus one
-                block's fp32 gradient; FSDP with pp: the stage unsharded all step with its
-                fp32 gradients; DDP (FSDP-based replicate): bf16 copies of every parameter,
-                fp32: a second gradient buffer; DDP on CPU in fp32 (gpt3d's all-reduce):
-                one flat bucket (32 MiB, or the largest tensor alone)."""
+      wrapper   FSDP without pp (or resharded per microbatch): the current and the
+                prefetched block unsharded plus one block's fp32 gradient; FSDP with pp: the
+                stage unsharded all step with its fp32 gradients; DDP (FSDP-based
+                replicate): bf16 copies of every parameter, fp32: a second gradient
+                buffer; DDP on CPU in fp32 (gpt3d's all-reduce): one flat bucket (32 MiB, or
+                the largest tensor alone)."""
     p = DTYPE_BYTES[w.dtype]  # compute / FSDP param dtype
     fsdp = lay.dp > 1 and lay.dp_mode == "fsdp"
     V, C = w.model.padded_vocab_size, w.model.n_embd
@@ -269,7 +272,7 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     if last:
         rows = min(tokens, max(16, LOSS_CHUNK[w.device] // max(1, V // lay.tp)))
         head = (p * C + rows * 4 * (2 if p < 4 else 1)) * V / lay.tp + 4 * tokens * C
-        head += p * root if fsdp and lay.pp == 1 else 0.0
+        head += p * root if fsdp and not lay.fsdp_whole_stage else 0.0
         if lay.table_by_rows(w):  # every dp rank's hidden states and their gradient
             head += (p + 4) * lay.dp_shard * tokens * C
     embed = p * V * C / lay.tp if first and lay.tp > 1 else 0.0
@@ -279,9 +282,9 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
         wrapper = 4 * min(numel, max(BUCKET_BYTES / 4, V * C / lay.tp))
     elif lay.dp_mode == "ddp":
         wrapper = p * numel if p < 4 else 4 * numel
-    elif lay.pp > 1:
+    elif lay.fsdp_whole_stage:
         wrapper = numel * (p + 4)
-    else:
+    else:  # FSDP without pp, or resharded per microbatch
         wrapper = block * (2 * p + 4)
     if lay.pp == 1:  # the embedding's backward comes last, when activations are freed
         return max(head, wrapper)

@@ -30,6 +30,7 @@ REFERENCES = {
 TP, SP = "--parallel.tp", "--parallel.sequence_parallel=true"
 FSDP = "--parallel.dp_mode=fsdp"  # the default, auto, would pick ddp for this small model
 VOCAB = "--parallel.embedding_sharding=vocab"  # auto keeps it in FSDP's root here
+RESHARD = "--parallel.fsdp_reshard_per_microbatch=true"
 
 
 # name -> (world size, reference, layout overrides); layouts written as (dp, pp, tp)
@@ -57,11 +58,23 @@ CASES = {
     "pp4_1f1b": (4, "tied", pp(4, "1F1B", 8)),
     "dp2_pp2": (4, "tied", [FSDP, *pp(2, "1F1B", 4)]),
     "dp2_pp2_auto": (4, "tied", pp(2, "1F1B", 4)),  # auto: ddp here
+    "dp2_pp2_resharded": (4, "tied", [FSDP, *pp(2, "1F1B", 4), RESHARD]),
+    "dp2_pp2_gpipe_resharded_untied_accum": (
+        4,
+        "untied",
+        [FSDP, *pp(2, "GPipe", 4), RESHARD, "--training.grad_accum=2"],
+    ),
+    "dp2_pp2_interleaved_resharded": (4, "tied", [FSDP, *pp(2, "Interleaved1F1B", 4, 2), RESHARD]),
     "dp2_tp2_sp": (4, "tied", [FSDP, f"{TP}=2", SP]),
     "pp2_tp2_tied": (4, "tied", [f"{TP}=2", *pp(2, "1F1B", 4)]),
     "pp2_tp2_untied": (4, "untied", [f"{TP}=2", *pp(2, "1F1B", 4)]),
     "dp2_pp2_tp2_fsdp_sp": (8, "tied", [FSDP, f"{TP}=2", SP, *pp(2, "1F1B", 4)]),
     "dp2_pp2_tp2_fsdp_untied": (8, "untied", [FSDP, f"{TP}=2", SP, *pp(2, "GPipe", 4)]),
+    "dp2_pp2_tp2_loopedbfs_resharded": (
+        8,
+        "tied",
+        [FSDP, f"{TP}=2", SP, *pp(2, "LoopedBFS", 4, 2), RESHARD],
+    ),
     "dp2_pp2_tp2_ddp": (8, "tied", [f"{TP}=2", "--parallel.dp_mode=ddp", *pp(2, "1F1B", 4)]),
 }
 
