@@ -1,5 +1,6 @@
-"""Builds a Trainer (no step) and dumps this rank's resident memory around it:
-<out>/rank<r>.json = {"baseline_gib", "startup_peak_gib", "param_bytes"}.
+"""Builds a Trainer, then trains it for 2 steps, and dumps this rank's resident memory:
+<out>/rank<r>.json = {"baseline_gib", "startup_peak_gib", "train_peak_gib", "param_bytes",
+"full_param_bytes", "state_bytes"} (state: this rank's parameters, gradients and AdamW).
 
 Usage: torchrun --nproc_per_node=N memory_worker.py <out_dir> --section.key=value ...
 """
@@ -28,16 +29,27 @@ def main(argv: list[str]) -> int:
     baseline = host_memory.rss_gib()
     host_memory.reset_peak_rss()
     trainer = Trainer.from_config(load_config(args))
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.params]
     record = {
         "baseline_gib": baseline,
         "startup_peak_gib": host_memory.peak_rss_gib(),
-        "param_bytes": sum(t.numel() * t.element_size() for t in local),
+        "param_bytes": nbytes(trainer.params),
         "full_param_bytes": sum(p.numel() * p.element_size() for p in trainer.params),
     }
+    for _ in range(2):
+        trainer.train_step()
+    moments = [t for s in trainer.optimizer.state.values() for t in s.values() if t.dim()]
+    grads = [p.grad for p in trainer.params if p.grad is not None]
+    record["train_peak_gib"] = host_memory.peak_rss_gib()
+    record["state_bytes"] = nbytes(trainer.params) + nbytes(grads) + nbytes(moments)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.env.rank}.json").write_text(json.dumps(record))
     return 0
+
+
+def nbytes(tensors) -> int:
+    """Bytes this rank holds of each tensor (a DTensor's local shard)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 if __name__ == "__main__":
