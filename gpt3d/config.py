@@ -241,7 +241,7 @@ class ParallelConfig:
         "how FSDP holds the token embedding / lm_head table: fsdp (in the root group: gathered "
         "whole for the step, with its whole gradient), vocab (sharded by vocabulary rows over "
         "dp_shard for the whole step; token ids and hidden states are gathered instead: "
-        "dp_mode=fsdp, dp_shard > 1, no tp, pp, HSDP or ep), or auto: vocab where it applies "
+        "dp_mode=fsdp, dp_shard > 1, no tp, HSDP or ep), or auto: vocab where it applies "
         "and the gathered tokens are at most half the vocabulary (docs/memory.md)",
         choices=("auto", "fsdp", "vocab"),
     )

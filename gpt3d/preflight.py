@@ -136,7 +136,8 @@ def choose_embedding_sharding(cfg: Config, model: GPTConfig, dims: ParallelDims)
             return ""
         why = "parallel.embedding_sharding" if asked else f"auto: {WHAT} {why_not}"
         return f"in FSDP's root group ({why})"
-    tokens = t.global_batch_size // (dims.dp * t.grad_accum) * t.seq_len
+    microbatches = t.grad_accum * (n_microbatches(p) if dims.pp > 1 else 1)
+    tokens = t.global_batch_size // (dims.dp * microbatches) * t.seq_len
     pays = vocab_rows_pay(dims.dp_shard, tokens, model.padded_vocab_size)
     p.embedding_sharding = "vocab" if pays else "fsdp"
     gathered = f"{dims.dp_shard * tokens} gathered tokens per microbatch"

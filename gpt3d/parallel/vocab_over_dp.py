@@ -43,7 +43,6 @@ def why_not_vocab_rows(dims, dp_mode: str) -> str:
         (dims.dp_shard > 1, "dp_shard > 1"),
         (dims.dp_replicate == 1, "no dp_replicate (HSDP)"),
         (dims.tp == 1, "tp = 1 (tp splits the rows already)"),
-        (dims.pp == 1, "pp = 1"),
         (dims.ep == 1, "ep = 1"),
     ]
     missing = [what for ok, what in needs if not ok]

@@ -64,6 +64,8 @@ CASES = {
         "untied",
         [FSDP, *pp(2, "GPipe", 4), RESHARD, "--training.grad_accum=2"],
     ),
+    "dp2_pp2_vocab_rows": (4, "tied", [FSDP, *pp(2, "1F1B", 4), VOCAB]),
+    "dp2_pp2_zbv_vocab_rows": (4, "tied", [FSDP, *pp(2, "ZBVZeroBubble", 4, 2), VOCAB]),
     "dp2_pp2_interleaved_resharded": (4, "tied", [FSDP, *pp(2, "Interleaved1F1B", 4, 2), RESHARD]),
     "dp2_tp2_sp": (4, "tied", [FSDP, f"{TP}=2", SP]),
     "pp2_tp2_tied": (4, "tied", [f"{TP}=2", *pp(2, "1F1B", 4)]),

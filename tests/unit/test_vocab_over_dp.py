@@ -5,6 +5,8 @@ where it cannot work, and that the planner resolves it as recipes/train.py does.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gpt3d.config import load_config
@@ -68,9 +70,16 @@ def test_an_explicit_fsdp_is_kept_and_said():
         (8, Layout(dp_shard=2, tp=2)),
         (8, Layout(dp_shard=2, embedding="fsdp")),
         (8, Layout(dp_shard=4, pp=2, microbatches=2)),
+        (512, Layout(dp_shard=2, pp=2, microbatches=2)),
+        (512, Layout(dp_shard=2, pp=2, microbatches=8)),
     ],
 )
 def test_the_planner_resolves_auto_as_the_run_does(batch, layout):
+    by_rows(batch, layout)
+
+
+def by_rows(batch: int, layout: Layout) -> bool:
+    """Whether a run on this layout shards the table by rows; asserts the planner agrees."""
     run = preflight(
         load_config(
             [
@@ -81,6 +90,7 @@ def test_the_planner_resolves_auto_as_the_run_does(batch, layout):
                 f"--parallel.dp_shard={layout.dp_shard}",
                 f"--parallel.tp={layout.tp}",
                 f"--parallel.pp={layout.pp}",
+                f"--parallel.pp_microbatches={layout.microbatches if layout.pp > 1 else 0}",
                 f"--parallel.embedding_sharding={layout.embedding}",
             ]
         ),
@@ -88,3 +98,12 @@ def test_the_planner_resolves_auto_as_the_run_does(batch, layout):
     )
     w = Workload(run.model, 128, batch, "float32", (), 1, "cpu")
     assert layout.table_by_rows(w) == (run.config.parallel.embedding_sharding == "vocab")
+    return layout.table_by_rows(w)
+
+
+def test_pipeline_microbatches_count_in_auto():
+    # 512 sequences over dp 2 and 2 microbatches: 2 x 128 x 128 gathered rows, too many;
+    # over 8 microbatches: 2 x 32 x 128, at most half of 50304
+    lay = Layout(dp_shard=2, pp=2, microbatches=2)
+    assert not by_rows(512, lay)
+    assert by_rows(512, replace(lay, microbatches=8))
