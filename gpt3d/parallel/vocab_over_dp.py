@@ -19,7 +19,9 @@ Backward: the table's gradient is computed on the local rows from every rank's t
 is complete where it is made (no reduce-scatter); the hidden states' gradient is
 reduce-scattered back over the batch. Per microbatch that moves (dp·B·T) ids and three
 (dp·B·T, C) activations instead of the (V, C) table and gradient once a step, so it pays
-while the gathered tokens are few next to the vocabulary (`vocab_rows_pay`).
+while the gathered tokens are few next to the vocabulary (`vocab_rows_pay`). Under
+pipelining the first stage's wte and the last stage's lm_head (a tied copy) are each sharded
+so; their gradients have the same local shards, which the trainer sums over pp as before.
 """
 
 from __future__ import annotations

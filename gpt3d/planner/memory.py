@@ -204,13 +204,15 @@ def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> Memor
         head = terms.head * (s == lay.n_stages - 1)
         alive.append(tokens * (blocks + head + terms.embed * (s == 0)))
     saved = float((states @ np.array(alive)).max())
-    if lay.table_by_rows(w):  # pp = 1: the head's saved tensors are alive at the peak
-        saved += table_rows_saved(w, lay, tokens)
     casts = 2 * (numel - root + head_rows(w, lay, stages)) if autocast(w, lay) else 0.0
     has_last = lay.n_stages - 1 in stages
-    if lay.table_by_rows(w):  # the table never joins FSDP's unsharded root
-        root -= counts.wte * (1 if w.model.tie_embeddings else 2)
-    extra = transients(w, lay, tokens, numel, counts.block, root, has_last, 0 in stages)
+    unsharded = numel  # what FSDP gathers: all but a table kept by vocabulary rows
+    if lay.table_by_rows(w):
+        table = counts.wte * table_tensors(w.model, lay, stages)
+        root, unsharded = root - table, numel - table
+        if has_last:  # the head's saved tensors are alive at the saved-tensor peak
+            saved += table_rows_saved(w, lay, tokens)
+    extra = transients(w, lay, tokens, unsharded, counts.block, root, has_last, 0 in stages)
     extra += pending * sum(blocks_mb) / len(blocks_mb)
     recompute = tokens * (terms.layer - terms.layer_ckpt) if last_ckpt else 0.0
     shard = lay.dp_shard if lay.dp_mode == "fsdp" else 1
@@ -229,6 +231,12 @@ def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> Memor
             "params_per_tp_rank": numel,
         },
     )
+
+
+def table_tensors(cfg: GPTConfig, lay: Layout, stages: list[int]) -> int:
+    """Embedding tables (wte, a separate or pipeline-copied lm_head) the stages hold."""
+    first, last = 0 in stages, lay.n_stages - 1 in stages
+    return int(first) + int(last and (not cfg.tie_embeddings or lay.pp > 1))
 
 
 def table_rows_saved(w: Workload, lay: Layout, tokens: int) -> float:
@@ -253,9 +261,10 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     keeps its unsharded state all step):
       head      the lm_head's weight gradient in the compute dtype, its input gradient,
                 gpt3d.loss's fp32 chunk buffers; FSDP without pp (or resharded per
-                microbatch): the unsharded root
-                (without the table when it stays sharded by vocabulary rows: then the
-                dp_shard ranks' gathered hidden states and their gradient instead)
+                microbatch): the unsharded root (without the table when it stays
+                sharded by vocabulary rows: then the lm_head's weight gradient and the
+                logits cover V / dp_shard columns of every dp_shard rank's tokens, and the
+                gathered hidden states' gradient is dp_shard times the size)
       embedding tp > 1, first stage: the vocab-parallel embedding's backward builds its
                 rows' gradient (V/tp x C) per microbatch before adding it to the
                 accumulated one (gpt3d.parallel.vocab_parallel)
@@ -270,11 +279,14 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     V, C = w.model.padded_vocab_size, w.model.n_embd
     head = 0.0
     if last:
-        rows = min(tokens, max(16, LOSS_CHUNK[w.device] // max(1, V // lay.tp)))
-        head = (p * C + rows * 4 * (2 if p < 4 else 1)) * V / lay.tp + 4 * tokens * C
+        # the logits' columns per rank and the tokens they cover: with the table by
+        # vocabulary rows every dp_shard rank's tokens against V / dp_shard columns
+        by_rows = lay.table_by_rows(w)
+        cols = V / (lay.dp_shard if by_rows else lay.tp)
+        n = tokens * (lay.dp_shard if by_rows else 1)
+        rows = min(n, max(16, LOSS_CHUNK[w.device] // max(1, int(cols))))
+        head = (p * C + rows * 4 * (2 if p < 4 else 1)) * cols + 4 * n * C
         head += p * root if fsdp and not lay.fsdp_whole_stage else 0.0
-        if lay.table_by_rows(w):  # every dp rank's hidden states and their gradient
-            head += (p + 4) * lay.dp_shard * tokens * C
     embed = p * V * C / lay.tp if first and lay.tp > 1 else 0.0
     if lay.dp == 1:
         wrapper = 0.0

@@ -231,6 +231,8 @@ def _bench_layout(name: str) -> Layout:
     d["sequence_parallel"] = "SP" in name or name == "tp2×pp2 1F1B"  # that one includes SP
     if "DDP" in name:
         d.update(dp_replicate=2, dp_mode="ddp")
+    d["embedding"] = "fsdp" if "table in root" in name else "auto"
+    d["reshard_per_microbatch"] = "resharded per microbatch" in name
     if "pp2" in name:
         schedule = name.split()[-1] if name.startswith("pp2") else "1F1B"
         d.update(
