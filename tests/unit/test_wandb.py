@@ -87,8 +87,10 @@ def test_offline_run_logs_the_metrics_records_and_the_config(tmp_path):
     logged = {key(i): json.loads(i.value_json) for i in run.config.update if key(i) != "_wandb"}
     expected_config = config_to_dict(load_config(args))
     # the config that ran: preflight resolves dp_mode "auto" (one process, a model that fits -> ddp)
+    # and embedding_sharding "auto" (no FSDP to keep the table by rows -> fsdp)
     assert expected_config["parallel"]["dp_mode"] == "auto"
-    expected_config["parallel"]["dp_mode"] = "ddp"
+    assert expected_config["parallel"]["embedding_sharding"] == "auto"
+    expected_config["parallel"].update(dp_mode="ddp", embedding_sharding="fsdp")
     assert logged == expected_config
     assert "exit" in kinds  # the run was finished, not abandoned
 
