@@ -121,30 +121,30 @@ def choose_dp_mode(cfg: Config, model: GPTConfig, world_size: int) -> str:
 def choose_embedding_sharding(cfg: Config, model: GPTConfig, dims: ParallelDims) -> str:
     """parallel.embedding_sharding: "vocab" where the layout allows it (asked for: checked)
     and, for "auto", where the gathered tokens of a microbatch are at most half the padded
-    vocabulary (gpt3d.parallel.vocab_over_dp.vocab_rows_pay); "fsdp" otherwise. Sets the
+    vocabulary (gpt3d.parallel.vocab_over_dp.table_by_rows); "fsdp" otherwise. Sets the
     concrete value in cfg and returns why ('' when there is no FSDP root to speak of)."""
-    from gpt3d.parallel.vocab_over_dp import WHAT, vocab_rows_pay, why_not_vocab_rows
+    from gpt3d.parallel.vocab_over_dp import WHAT, table_by_rows, why_not_vocab_rows
 
     p, t = cfg.parallel, cfg.training
-    why_not = why_not_vocab_rows(dims, p.dp_mode)
-    if p.embedding_sharding == "vocab":
+    asked, why_not = p.embedding_sharding, why_not_vocab_rows(dims, p.dp_mode)
+    if asked == "vocab":
         _require(not why_not, f"parallel.embedding_sharding=vocab: {why_not}")
-        return f"{WHAT} (parallel.embedding_sharding)"
-    if p.embedding_sharding == "fsdp" or why_not:
-        asked, p.embedding_sharding = p.embedding_sharding == "fsdp", "fsdp"
-        if p.dp_mode != "fsdp" or dims.dp == 1:
-            return ""
-        why = "parallel.embedding_sharding" if asked else f"auto: {WHAT} {why_not}"
-        return f"in FSDP's root group ({why})"
     microbatches = t.grad_accum * (n_microbatches(p) if dims.pp > 1 else 1)
     tokens = t.global_batch_size // (dims.dp * microbatches) * t.seq_len
-    pays = vocab_rows_pay(dims.dp_shard, tokens, model.padded_vocab_size)
-    p.embedding_sharding = "vocab" if pays else "fsdp"
-    gathered = f"{dims.dp_shard * tokens} gathered tokens per microbatch"
-    vocab = f"the {model.padded_vocab_size}-row vocabulary"
-    if pays:
-        return f"{WHAT} (auto: {gathered}, at most half {vocab})"
-    return f"in FSDP's root group (auto: {gathered}, over half {vocab})"
+    rows = table_by_rows(asked, dims, p.dp_mode, tokens, model.padded_vocab_size)
+    p.embedding_sharding = "vocab" if rows else "fsdp"
+    if p.dp_mode != "fsdp" or dims.dp == 1:
+        return ""
+    where = WHAT if rows else "in FSDP's root group"
+    if asked != "auto":
+        return f"{where} (parallel.embedding_sharding)"
+    if why_not:
+        return f"{where} (auto: {WHAT} {why_not})"
+    half = "at most" if rows else "over"
+    return (
+        f"{where} (auto: {dims.dp_shard * tokens} gathered tokens per microbatch, {half} half "
+        f"the {model.padded_vocab_size}-row vocabulary)"
+    )
 
 
 def state_fits_comfortably(cfg: Config, model: GPTConfig, world_size: int) -> tuple[bool, str]:

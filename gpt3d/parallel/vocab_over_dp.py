@@ -57,6 +57,14 @@ def vocab_rows_pay(dp_shard: int, tokens_per_microbatch: int, padded_vocab: int)
     return 2 * dp_shard * tokens_per_microbatch <= padded_vocab
 
 
+def table_by_rows(asked: str, dims, dp_mode: str, tokens_per_microbatch: int, vocab: int) -> bool:
+    """How parallel.embedding_sharding (asked: auto, fsdp or vocab) resolves on a layout:
+    rows where they can work and were asked for, or (auto) where they pay."""
+    if asked == "fsdp" or why_not_vocab_rows(dims, dp_mode):
+        return False
+    return asked == "vocab" or vocab_rows_pay(dims.dp_shard, tokens_per_microbatch, vocab)
+
+
 def shard_table_over_dp(model: nn.Module, dp_mesh, dtype: torch.dtype | None) -> set[nn.Parameter]:
     """Make wte (and lm_head, tied or not) vocabulary-row-sharded over the 1-D dp_shard mesh,
     on the meta device before materialisation; returns the parameters FSDP must ignore.

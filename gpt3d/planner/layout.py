@@ -116,13 +116,11 @@ class Layout:
         """Whether the embedding table stays sharded by vocabulary rows over dp_shard
         (gpt3d.parallel.vocab_over_dp), as parallel.embedding_sharding resolves on this
         layout (gpt3d.preflight.choose_embedding_sharding)."""
-        from gpt3d.parallel.vocab_over_dp import vocab_rows_pay, why_not_vocab_rows
+        from gpt3d.parallel.vocab_over_dp import table_by_rows
 
-        if self.embedding == "fsdp" or why_not_vocab_rows(self, self.dp_mode):
-            return False
         tokens = self.microbatch_size(w.global_batch) * w.seq_len
-        pays = vocab_rows_pay(self.dp_shard, tokens, w.model.padded_vocab_size)
-        return self.embedding == "vocab" or pays
+        vocab = w.model.padded_vocab_size
+        return table_by_rows(self.embedding, self, self.dp_mode, tokens, vocab)
 
     @property
     def fsdp_whole_stage(self) -> bool:
