@@ -56,21 +56,28 @@ def token_loss_sum(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
     _, offset = compute_local_shape_and_global_offset(logits.shape, mesh, logits.placements)
     local = logits.to_local()  # (B, T, V / tp); its gradient becomes a Shard(-1) DTensor
     group, mine = mesh.get_group(), None
-    if logits.shape[:-1].numel() != targets.numel():  # every dp rank's tokens (vocab_over_dp)
-        targets, mine = _every_ranks_targets(targets, group)
+    rows = logits.shape[:-1].numel()
+    if rows != targets.numel():  # every dp rank's tokens (vocab_over_dp)
+        targets, mine = _every_ranks_targets(targets, group, rows)
     return _VocabCrossEntropy.apply(
         local.reshape(-1, local.shape[-1]), targets, offset[-1], vocab_size, group, mine
     )
 
 
-def _every_ranks_targets(targets: Tensor, group) -> tuple[Tensor, slice]:
-    """This rank's targets (N,) -> every rank's (ranks · N,), and where this rank's are."""
+def _every_ranks_targets(targets: Tensor, group, rows: int) -> tuple[Tensor, slice]:
+    """This rank's targets (N,) -> the targets of the logits' rows (rows = k·N: k blocks,
+    each the tokens of ranks/k consecutive ranks of the group, which hold the same targets:
+    the tp ranks of one dp rank under gpt3d.parallel.vocab_over_dp), and where this rank's
+    block is."""
     import torch.distributed as dist
 
-    n, rank = targets.numel(), dist.get_rank(group)
-    every = targets.new_empty(n * dist.get_world_size(group))
+    n, ranks, rank = targets.numel(), dist.get_world_size(group), dist.get_rank(group)
+    every = targets.new_empty(n * ranks)
     dist.all_gather_single(every, targets.contiguous(), group=group)
-    return every, slice(rank * n, (rank + 1) * n)
+    per_block = ranks // (rows // n)  # ranks sharing a block's tokens
+    every = every.view(ranks // per_block, per_block, n)[:, 0].reshape(-1)
+    block = rank // per_block
+    return every, slice(block * n, (block + 1) * n)
 
 
 _eager_token_loss_sum = torch.compiler.disable(token_loss_sum)

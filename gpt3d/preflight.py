@@ -78,10 +78,10 @@ def preflight(cfg: Config, world_size: int, rank: int = 0) -> RunPlan:
     dp_choice = choose_dp_mode(cfg, model, world_size)  # parallel.dp_mode "auto" -> fsdp/ddp
     dims = resolve_dims(cfg.parallel, world_size)
     check_layout(dims, model, cfg.training, cfg.parallel)
-    embedding_choice = choose_embedding_sharding(cfg, model, dims)
     check_outputs(cfg, world_size)
     rules = _plan_rules(model, cfg, dims) if dims.tp > 1 or dims.ep > 1 else ()
     tp_rules = tuple(r for r in rules if r.section == "modules") if dims.tp > 1 else ()
+    embedding_choice = choose_embedding_sharding(cfg, model, dims, tp_rules)
     ep_rules = tuple(r for r in rules if r.section == "experts")
     dataset = validate_dataset(
         cfg.data.dataset, model.vocab_size, cfg.training.seq_len, check_ids=rank == 0
@@ -118,33 +118,41 @@ def choose_dp_mode(cfg: Config, model: GPTConfig, world_size: int) -> str:
     return f"{p.dp_mode} (auto: {why}{'' if fits else ': shard it'})"
 
 
-def choose_embedding_sharding(cfg: Config, model: GPTConfig, dims: ParallelDims) -> str:
+def choose_embedding_sharding(
+    cfg: Config, model: GPTConfig, dims: ParallelDims, tp_rules: tuple = ()
+) -> str:
     """parallel.embedding_sharding: "vocab" where the layout allows it (asked for: checked)
     and, for "auto", where the gathered tokens of a microbatch are at most half the padded
-    vocabulary (gpt3d.parallel.vocab_over_dp.table_by_rows); "fsdp" otherwise. Sets the
-    concrete value in cfg and returns why ('' when there is no FSDP root to speak of)."""
-    from gpt3d.parallel.vocab_over_dp import WHAT, table_by_rows, why_not_vocab_rows
+    vocabulary's rows per tp rank (gpt3d.parallel.vocab_over_dp.table_by_rows); "fsdp"
+    otherwise. tp_rules: the tensor-parallel plan, whose wte / lm_head rules the rows must
+    be able to stand in for. Sets the concrete value in cfg and returns why ('' when there
+    is no FSDP root to speak of)."""
+    from gpt3d.parallel import vocab_over_dp as rows_lib
 
     p, t = cfg.parallel, cfg.training
-    asked, why_not = p.embedding_sharding, why_not_vocab_rows(dims, p.dp_mode)
+    plan_why_not = rows_lib.table_rules_why_not(tp_rules, p.loss_parallel) if dims.tp > 1 else ""
+    asked = p.embedding_sharding
+    why_not = rows_lib.why_not_vocab_rows(dims, p.dp_mode, t.seq_len, plan_why_not)
     if asked == "vocab":
         _require(not why_not, f"parallel.embedding_sharding=vocab: {why_not}")
     microbatches = t.grad_accum * (n_microbatches(p) if dims.pp > 1 else 1)
     tokens = t.global_batch_size // (dims.dp * microbatches) * t.seq_len
-    rows = table_by_rows(asked, dims, p.dp_mode, tokens, model.padded_vocab_size)
+    vocab = model.padded_vocab_size
+    rows = rows_lib.table_by_rows(asked, dims, p.dp_mode, tokens, vocab, t.seq_len, plan_why_not)
     p.embedding_sharding = "vocab" if rows else "fsdp"
     if p.dp_mode != "fsdp" or dims.dp == 1:
         return ""
-    where = WHAT if rows else "in FSDP's root group"
+    where = rows_lib.rows_what(dims.tp) if rows else "in FSDP's root group"
     if asked != "auto":
         return f"{where} (parallel.embedding_sharding)"
     if why_not:
-        return f"{where} (auto: {WHAT} {why_not})"
+        return f"{where} (auto: {rows_lib.rows_what(dims.tp)} {why_not})"
     half = "at most" if rows else "over"
-    return (
-        f"{where} (auto: {dims.dp_shard * tokens} gathered tokens per microbatch, {half} half "
-        f"the {model.padded_vocab_size}-row vocabulary)"
-    )
+    table = f"the {vocab}-row vocabulary"
+    if dims.tp > 1:
+        table += f"'s {vocab // dims.tp} rows per tp rank"
+    gathered = f"{dims.dp_shard * tokens} gathered tokens per microbatch"
+    return f"{where} (auto: {gathered}, {half} half {table})"
 
 
 def state_fits_comfortably(cfg: Config, model: GPTConfig, world_size: int) -> tuple[bool, str]:

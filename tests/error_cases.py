@@ -126,10 +126,25 @@ RUN_ERRORS = {
         ],
         "does not work with ZBVZeroBubble",
     ),
-    "table by vocabulary rows with tp": (
+    "table by vocabulary rows with gathered logits": (
         4,
-        [*_PLAN_OK, "--parallel.tp=2", "--parallel.embedding_sharding=vocab"],
-        "tp = 1 (tp splits the rows already)",
+        [
+            *_PLAN_OK,
+            "--parallel.tp=2",
+            "--parallel.loss_parallel=false",
+            "--parallel.embedding_sharding=vocab",
+        ],
+        "(parallel.loss_parallel)",
+    ),
+    "table by vocabulary rows with tp, seq_len not divisible": (
+        4,
+        [
+            *_PLAN_OK,
+            "--parallel.tp=2",
+            "--training.seq_len=31",
+            "--parallel.embedding_sharding=vocab",
+        ],
+        "training.seq_len divisible by tp (2)",
     ),
     "plan name": (2, ["--parallel.tp=2", "--parallel.plan=gpt_tq"], "not a shipped plan"),
     "plan file missing": (2, ["--parallel.tp=2", "--parallel.plan=nope.toml"], "nope.toml"),

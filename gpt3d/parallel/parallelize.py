@@ -4,8 +4,9 @@ steps that gpt3d/trainer.py calls one after the other:
     1. parallelize(run, mesh)        GPT on meta -> pipeline split -> tensor parallel (plan
                                      file) -> expert parallel (its [experts] rules) ->
                                      activation checkpointing -> compile per block
-                                     -> the table by vocabulary rows over dp_shard (when
-                                     parallel.embedding_sharding resolved to "vocab")
+                                     -> the table by vocabulary rows over dp_shard (x tp,
+                                     in place of the plan's wte / lm_head rules) when
+                                     parallel.embedding_sharding resolved to "vocab"
                                      -> FSDP2 / HSDP / DDP                   (no memory yet)
     2. materialize(parts, device, weights)   allocate this rank's shards, fill them from
                                      weights(name, full_shape, region) (init or pretrained)
@@ -32,7 +33,7 @@ from gpt3d.parallel.data_parallel import apply_data_parallel, grad_sync
 from gpt3d.parallel.dims import expert_mesh, n_microbatches
 from gpt3d.parallel.expert_parallel import apply_expert_parallel
 from gpt3d.parallel.tensor_parallel import apply_tensor_parallel, retie_embeddings
-from gpt3d.parallel.vocab_over_dp import shard_table_over_dp
+from gpt3d.parallel.vocab_over_dp import rows_layout, shard_table_over_dp, without_table_rules
 
 # (name, full shape, region: one slice per dim) -> that region of the parameter, fp32 CPU
 Weights = Callable[[str, torch.Size, tuple], torch.Tensor]
@@ -86,11 +87,15 @@ def parallelize(run, mesh) -> ModelParts:
     if mesh is not None:
         reduction = own_ddp_all_reduce(reduction, dims, mesh.device_type, param_dtype)
     emesh = expert_mesh(mesh, dims)  # (pp, dp_replicate, efsdp, ep, tp) when ep > 1
+    tp_rules, rows = run.tp_rules, None  # rows: the table by vocabulary rows (vocab_over_dp)
+    if parallel.embedding_sharding == "vocab":
+        rows = rows_layout(mesh, dims, tp_rules)
+        tp_rules = without_table_rules(tp_rules)  # the rows stand in for wte / lm_head's
     chunks = []
     for s in stage_ids:
         chunk = pp_lib.build_stage_module(run.model, s, len(layers), layers[s])
         if dims.tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"], run.tp_rules, parallel.loss_parallel)
+            apply_tensor_parallel(chunk, mesh["tp"], tp_rules, parallel.loss_parallel)
         tp_mesh = mesh["tp"] if dims.tp > 1 else None
         experts = apply_expert_parallel(chunk, run.ep_rules, emesh, tp_mesh)
         apply_activation_checkpointing(chunk, training.activation_checkpointing, training.ac_every)
@@ -101,8 +106,8 @@ def parallelize(run, mesh) -> ModelParts:
             for block in chunk.h.values():
                 block.compile(mode=compile_mode(training))
         table = set()  # the embedding table when FSDP leaves it sharded by vocabulary rows
-        if parallel.embedding_sharding == "vocab":
-            table = shard_table_over_dp(chunk, mesh["dp_shard"], param_dtype)
+        if rows is not None:
+            table = shard_table_over_dp(chunk, rows, param_dtype)
         if mesh is not None:
             apply_data_parallel(
                 chunk,

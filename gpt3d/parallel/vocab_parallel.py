@@ -109,8 +109,21 @@ class _ReduceScatterSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        n = dist.get_world_size(ctx.group)
-        piece = grad.transpose(0, 1).contiguous()  # (T/tp, B, C)
-        whole = piece.new_empty((piece.shape[0] * n, *piece.shape[1:]))
-        dist.all_gather_single(whole, piece, group=ctx.group)
-        return whole.transpose(0, 1).contiguous(), None
+        return all_gather_sequence(grad, ctx.group), None
+
+
+def all_gather_sequence(piece: Tensor, group) -> Tensor:
+    """(B, T/n, C) on each of the group's n ranks -> (B, T, C), rank r's slice at
+    [r·T/n, (r+1)·T/n). The collective runs over dim 0, so T goes first."""
+    n = dist.get_world_size(group)
+    seq_first = piece.transpose(0, 1).contiguous()  # (T/n, B, C)
+    whole = seq_first.new_empty((seq_first.shape[0] * n, *seq_first.shape[1:]))
+    dist.all_gather_single(whole, seq_first, group=group)
+    return whole.transpose(0, 1).contiguous()
+
+
+def sequence_slice(x: Tensor, group) -> Tensor:
+    """(B, T, ...) the same on the group's n ranks -> this rank's (B, T/n, ...) slice."""
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    step = x.shape[1] // n
+    return x[:, rank * step : (rank + 1) * step].contiguous()

@@ -210,11 +210,11 @@ def dp_comm(w: Workload, lay: Layout, cluster: Cluster, numel: float) -> float:
     gathers = 1 if lay.fsdp_whole_stage else 2
     rows = 0.0  # the table sharded by vocabulary rows: activations move instead, per microbatch
     if lay.table_by_rows(w):
-        C = w.model.n_embd
-        numel -= w.model.padded_vocab_size * C * (1 if w.model.tie_embeddings else 2)
+        C, n = w.model.n_embd, lay.dp_shard * lay.tp  # the rows' flattened (dp_shard, tp) group
+        numel -= w.model.padded_vocab_size * C * (1 if w.model.tie_embeddings else 2) / lay.tp
         tokens = lay.microbatch_size(w.global_batch) * w.seq_len * lay.dp_shard
         moved = DTYPE_BYTES[w.dtype] * tokens * C  # embeddings, hidden states, their gradient
-        rows = lay.n_microbatches * 3 * shard_link.time("all_gather", lay.dp_shard, moved)
+        rows = lay.n_microbatches * 3 * cluster.link(1, n).time("all_gather", n, moved)
     params, grads = DTYPE_BYTES[w.dtype] * numel, 4 * numel
     t = gathers * shard_link.time("all_gather", lay.dp_shard, params)
     t += shard_link.time("reduce_scatter", lay.dp_shard, grads)

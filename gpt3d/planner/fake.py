@@ -62,9 +62,9 @@ def run_plan(w, lay):
     model = gpt_config(cfg.model)
     dims = resolve_dims(cfg.parallel, lay.world)
     check_layout(dims, model, cfg.training, cfg.parallel)
-    choose_embedding_sharding(cfg, model, dims)  # "auto" -> what recipes/train.py would use
     rules = _plan_rules(model, cfg, dims) if dims.tp > 1 or dims.ep > 1 else ()
     tp_rules = tuple(r for r in rules if r.section == "modules") if dims.tp > 1 else ()
+    choose_embedding_sharding(cfg, model, dims, tp_rules)  # as recipes/train.py resolves it
     ep_rules = tuple(r for r in rules if r.section == "experts")
     return RunPlan(cfg, model, dims, tp_rules, {}, None, None, ep_rules)
 

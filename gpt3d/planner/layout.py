@@ -113,14 +113,15 @@ class Layout:
         return self.schedule + (f"/v{self.stages_per_rank}" if self.stages_per_rank > 1 else "")
 
     def table_by_rows(self, w: Workload) -> bool:
-        """Whether the embedding table stays sharded by vocabulary rows over dp_shard
+        """Whether the embedding table stays sharded by vocabulary rows over dp_shard (× tp)
         (gpt3d.parallel.vocab_over_dp), as parallel.embedding_sharding resolves on this
         layout (gpt3d.preflight.choose_embedding_sharding)."""
         from gpt3d.parallel.vocab_over_dp import table_by_rows
 
         tokens = self.microbatch_size(w.global_batch) * w.seq_len
         vocab = w.model.padded_vocab_size
-        return table_by_rows(self.embedding, self, self.dp_mode, tokens, vocab)
+        # gpt3d's shipped plans (the planner's tp) hold the table as the rows can replace
+        return table_by_rows(self.embedding, self, self.dp_mode, tokens, vocab, w.seq_len)
 
     @property
     def fsdp_whole_stage(self) -> bool:

@@ -244,7 +244,7 @@ def table_rows_saved(w: Workload, lay: Layout, tokens: int) -> float:
     rows (gpt3d.parallel.vocab_over_dp): every dp_shard rank's hidden states instead of this
     rank's, and in bf16 the cast of the local rows (FSDP's unsharded copy otherwise)."""
     a, C = DTYPE_BYTES[w.dtype], w.model.n_embd
-    cast = a * w.model.padded_vocab_size * C / lay.dp_shard if a < 4 else 0.0
+    cast = a * w.model.padded_vocab_size * C / (lay.dp_shard * lay.tp) if a < 4 else 0.0
     return (lay.dp_shard - 1) * tokens * C * a + cast
 
 
@@ -263,11 +263,13 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
                 gpt3d.loss's fp32 chunk buffers; FSDP without pp (or resharded per
                 microbatch): the unsharded root (without the table when it stays
                 sharded by vocabulary rows: then the lm_head's weight gradient and the
-                logits cover V / dp_shard columns of every dp_shard rank's tokens, and the
-                gathered hidden states' gradient is dp_shard times the size)
+                logits cover V / (dp_shard·tp) columns of every dp_shard rank's tokens,
+                and the gathered hidden states' gradient is dp_shard times the size)
       embedding tp > 1, first stage: the vocab-parallel embedding's backward builds its
                 rows' gradient (V/tp x C) per microbatch before adding it to the
-                accumulated one (gpt3d.parallel.vocab_parallel)
+                accumulated one (gpt3d.parallel.vocab_parallel); with the table by
+                vocabulary rows (any tp) the same for V / (dp_shard·tp) rows, plus its
+                fp32 cast when the rows were cast to the compute dtype
       wrapper   FSDP without pp (or resharded per microbatch): the current and the
                 prefetched block unsharded plus one block's fp32 gradient; FSDP with pp: the
                 stage unsharded all step with its fp32 gradients; DDP (FSDP-based
@@ -277,17 +279,18 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     p = DTYPE_BYTES[w.dtype]  # compute / FSDP param dtype
     fsdp = lay.dp > 1 and lay.dp_mode == "fsdp"
     V, C = w.model.padded_vocab_size, w.model.n_embd
-    head = 0.0
+    head, by_rows = 0.0, lay.table_by_rows(w)
     if last:
         # the logits' columns per rank and the tokens they cover: with the table by
-        # vocabulary rows every dp_shard rank's tokens against V / dp_shard columns
-        by_rows = lay.table_by_rows(w)
-        cols = V / (lay.dp_shard if by_rows else lay.tp)
+        # vocabulary rows every dp_shard rank's tokens against V / (dp_shard·tp) columns
+        cols = V / (lay.tp * (lay.dp_shard if by_rows else 1))
         n = tokens * (lay.dp_shard if by_rows else 1)
         rows = min(n, max(16, LOSS_CHUNK[w.device] // max(1, int(cols))))
         head = (p * C + rows * 4 * (2 if p < 4 else 1)) * cols + 4 * n * C
         head += p * root if fsdp and not lay.fsdp_whole_stage else 0.0
     embed = p * V * C / lay.tp if first and lay.tp > 1 else 0.0
+    if first and by_rows:  # the local rows' gradient, and its fp32 cast under autocast
+        embed = (p + (4 if p < 4 else 0)) * V * C / (lay.tp * lay.dp_shard)
     if lay.dp == 1:
         wrapper = 0.0
     elif lay.dp_mode == "ddp" and not ddp_wrapper(w, lay):  # GradSync's flat fp32 buckets

@@ -68,10 +68,18 @@ CASES = {
     "dp2_pp2_zbv_vocab_rows": (4, "tied", [FSDP, *pp(2, "ZBVZeroBubble", 4, 2), VOCAB]),
     "dp2_pp2_interleaved_resharded": (4, "tied", [FSDP, *pp(2, "Interleaved1F1B", 4, 2), RESHARD]),
     "dp2_tp2_sp": (4, "tied", [FSDP, f"{TP}=2", SP]),
+    "dp2_tp2_vocab_rows": (4, "tied", [FSDP, f"{TP}=2", VOCAB]),
+    "dp2_tp2_sp_vocab_rows_padded": (4, "padded", [FSDP, f"{TP}=2", SP, VOCAB]),
+    "dp2_tp2_sp_vocab_rows_untied_accum": (
+        4,
+        "untied",
+        [FSDP, f"{TP}=2", SP, VOCAB, "--training.grad_accum=2"],
+    ),
     "pp2_tp2_tied": (4, "tied", [f"{TP}=2", *pp(2, "1F1B", 4)]),
     "pp2_tp2_untied": (4, "untied", [f"{TP}=2", *pp(2, "1F1B", 4)]),
     "dp2_pp2_tp2_fsdp_sp": (8, "tied", [FSDP, f"{TP}=2", SP, *pp(2, "1F1B", 4)]),
     "dp2_pp2_tp2_fsdp_untied": (8, "untied", [FSDP, f"{TP}=2", SP, *pp(2, "GPipe", 4)]),
+    "dp2_pp2_tp2_sp_vocab_rows": (8, "tied", [FSDP, f"{TP}=2", SP, *pp(2, "1F1B", 4), VOCAB]),
     "dp2_pp2_tp2_loopedbfs_resharded": (
         8,
         "tied",

@@ -1,6 +1,7 @@
 """parallel.embedding_sharding: which layouts keep the table sharded by vocabulary rows over
-dp_shard (gpt3d/parallel/vocab_over_dp.py), what `auto` picks, the error when it is asked for
-where it cannot work, and that the planner resolves it as recipes/train.py does. The numbers
+dp_shard (x tp) (gpt3d/parallel/vocab_over_dp.py), what `auto` picks, which plan files the
+rows can stand in for, the error when it is asked for where it cannot work, and that the
+planner resolves it as recipes/train.py does. The numbers
 (losses, gradients, parameters against one process) are in tests/distributed/test_parity.py."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import pytest
 
 from gpt3d.config import load_config
 from gpt3d.errors import ConfigError
+from gpt3d.parallel.tensor_parallel import PLANS_DIR, load_plan
+from gpt3d.parallel.vocab_over_dp import sequence_split, table_rules_why_not, without_table_rules
 from gpt3d.planner.layout import Layout, Workload
 from gpt3d.preflight import preflight
 
@@ -39,11 +42,66 @@ def test_auto_keeps_the_table_in_fsdp_when_the_gathered_tokens_outgrow_it():
     assert resolved(2, *args, "--training.grad_accum=4")[0] == "vocab"
 
 
+def test_with_tp_the_rows_span_dp_shard_and_tp_and_pay_against_a_tp_ranks_rows():
+    mode, why = resolved(
+        4, "--parallel.tp=2", "--training.global_batch_size=8", "--training.seq_len=64"
+    )
+    assert mode == "vocab"
+    assert why == (
+        "vocabulary rows over dp_shard x tp (auto: 512 gathered tokens per microbatch, at most "
+        "half the 50304-row vocabulary's 25152 rows per tp rank)"
+    )
+    # 2 x 64 x 128 = 16384 gathered tokens: at most half of 50304 rows, over half of 25152
+    args = ["--training.global_batch_size=128", "--training.seq_len=128"]
+    assert resolved(2, *args)[0] == "vocab"
+    assert resolved(4, "--parallel.tp=2", *args)[0] == "fsdp"
+
+
+@pytest.mark.parametrize(("plan", "seq_split"), [("gpt_tp", False), ("gpt_tp_sp", True)])
+def test_the_rows_stand_in_for_the_shipped_plans_table_rules(plan, seq_split):
+    rules = load_plan(PLANS_DIR / f"{plan}.toml")
+    assert table_rules_why_not(rules, loss_parallel=True) == ""
+    assert sequence_split(rules) is seq_split
+    dropped = {r.glob for r in rules} - {r.glob for r in without_table_rules(rules)}
+    assert dropped == {"wte", "lm_head"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (
+            ('[modules."lm_head"]\nstyle = "colwise"', '[modules."lm_head"]\nstyle = "rowwise"'),
+            "a colwise lm_head rule",
+        ),
+        (("use_local_output = false", "use_local_output = true"), "DTensor logits"),
+        (
+            (
+                'output_layouts = "shard(1)"       # reduce-scatter: (B',
+                'output_layouts = "shard(2)" # (',
+            ),
+            "wte output_layouts replicate or shard(1)",
+        ),
+    ],
+)
+def test_a_plan_with_other_table_rules_keeps_the_table_in_fsdp(tmp_path, edit, reason):
+    text = (PLANS_DIR / "gpt_tp_sp.toml").read_text()
+    assert edit[0] in text
+    plan = tmp_path / "plan.toml"
+    plan.write_text(text.replace(edit[0], edit[1], 1))
+    args = ["--parallel.tp=2", f"--parallel.plan={plan}", "--parallel.sequence_parallel=true"]
+    assert reason in table_rules_why_not(load_plan(plan), loss_parallel=True)
+    mode, why = resolved(4, *args)
+    assert mode == "fsdp" and reason in why
+    with pytest.raises(ConfigError, match="the table rules of gpt3d's shipped plans"):
+        resolved(4, *args, "--parallel.embedding_sharding=vocab")
+
+
 @pytest.mark.parametrize(
     ("world", "args", "reason"),
     [
         (2, ["--parallel.tp=2"], "dp_shard > 1"),  # tp takes the whole world
-        (4, ["--parallel.tp=2", "--parallel.dp_shard=2"], "tp = 1"),
+        (4, ["--parallel.tp=2", "--parallel.loss_parallel=false"], "parallel.loss_parallel"),
+        (4, ["--parallel.tp=2", "--training.seq_len=63"], "training.seq_len divisible by tp"),
         (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], "no dp_replicate"),
         (2, ["--parallel.dp_mode=ddp"], "dp_mode=fsdp"),
     ],
@@ -68,6 +126,10 @@ def test_an_explicit_fsdp_is_kept_and_said():
         (256, Layout(dp_shard=2)),
         (256, Layout(dp_shard=2, grad_accum=4)),
         (8, Layout(dp_shard=2, tp=2)),
+        (8, Layout(dp_shard=2, tp=2, sequence_parallel=True)),
+        (128, Layout(dp_shard=2, tp=2)),
+        (128, Layout(dp_shard=2)),
+        (8, Layout(dp_shard=2, tp=2, pp=2, microbatches=2)),
         (8, Layout(dp_shard=2, embedding="fsdp")),
         (8, Layout(dp_shard=4, pp=2, microbatches=2)),
         (512, Layout(dp_shard=2, pp=2, microbatches=2)),
@@ -89,6 +151,7 @@ def by_rows(batch: int, layout: Layout) -> bool:
                 f"--training.grad_accum={layout.grad_accum}",
                 f"--parallel.dp_shard={layout.dp_shard}",
                 f"--parallel.tp={layout.tp}",
+                f"--parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
                 f"--parallel.pp={layout.pp}",
                 f"--parallel.pp_microbatches={layout.microbatches if layout.pp > 1 else 0}",
                 f"--parallel.embedding_sharding={layout.embedding}",
