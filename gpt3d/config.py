@@ -240,9 +240,10 @@ class ParallelConfig:
         "auto",
         "how FSDP holds the token embedding / lm_head table: fsdp (in the root group: gathered "
         "whole for the step, with its whole gradient), vocab (sharded by vocabulary rows over "
-        "dp_shard for the whole step; token ids and hidden states are gathered instead: "
-        "dp_mode=fsdp, dp_shard > 1, no tp, HSDP or ep), or auto: vocab where it applies "
-        "and the gathered tokens are at most half the vocabulary (docs/memory.md)",
+        "dp_shard, x tp in place of the plan's wte / lm_head rules, for the whole step; token "
+        "ids and hidden states are gathered instead: dp_mode=fsdp, dp_shard > 1, no HSDP or "
+        "ep), or auto: vocab where it applies and the gathered tokens are at most half the "
+        "vocabulary's rows per tp rank (docs/memory.md)",
         choices=("auto", "fsdp", "vocab"),
     )
     timeout_s: float = _f(0.0, "collective timeout in seconds; 0 = 1800 on GPU, 120 on CPU", ge=0.0)
