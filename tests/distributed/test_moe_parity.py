@@ -8,7 +8,8 @@ parity suite: losses at every step (1e-5), grad norm (1e-5 relative), every step
 (identical: the biases move by sign(mean - tokens), integer counts summed over the dp axes).
 Layouts: ep 1/2/4 with FSDP (and HSDP), ep2 with full activation checkpointing (the
 recompute repeats the all-to-all), ep x pp (1F1B, Interleaved1F1B), ep x tp (experts' hidden
-dim split over tp), tp with sequence parallel on a mixed dense/MoE model, and ep2 x pp2 x tp2
+dim split over tp), tp with sequence parallel on a mixed dense/MoE model (also over FSDP with
+the embedding table by vocabulary rows over dp_shard x tp), and ep2 x pp2 x tp2
 on 8 processes. One launch per world size (tests/distributed/moe_worker.py).
 """
 
@@ -31,6 +32,7 @@ MOE = ["--model.n_experts=8", "--model.moe_top_k=2", "--model.moe_aux_coef=0.01"
 BASE = [*PARITY_MODEL, *MOE, f"--training.steps={STEPS}", "--model.moe_bias_rate=0.001"]
 REFERENCES = {"moe": [], "mixed": ["--model.moe_every=2"]}  # mixed: blocks 1, 3 are MoE
 EP, TP, SP = "--parallel.ep", "--parallel.tp", "--parallel.sequence_parallel=true"
+FSDP_ROWS = ["--parallel.dp_mode=fsdp", "--parallel.embedding_sharding=vocab"]
 
 # name -> (world size, reference, layout overrides)
 CASES = {
@@ -45,6 +47,8 @@ CASES = {
     "ep2_pp2_1f1b": (4, "moe", [f"{EP}=2", *pp(2, "1F1B", 4)]),
     "ep2_pp2_interleaved": (4, "mixed", [f"{EP}=2", *pp(2, "Interleaved1F1B", 4, 2)]),
     "ep2_tp2": (4, "moe", [f"{EP}=2", f"{TP}=2"]),
+    # the embedding table by vocabulary rows over dp_shard x tp (FSDP, no ep)
+    "fsdp2_tp2_sp_mixed_vocab_rows": (4, "mixed", [*FSDP_ROWS, f"{TP}=2", SP]),
     "ep2_pp2_tp2_sp": (8, "moe", [f"{EP}=2", f"{TP}=2", SP, *pp(2, "1F1B", 4)]),
 }
 

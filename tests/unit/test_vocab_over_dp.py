@@ -57,7 +57,10 @@ def test_with_tp_the_rows_span_dp_shard_and_tp_and_pay_against_a_tp_ranks_rows()
     assert resolved(4, "--parallel.tp=2", *args)[0] == "fsdp"
 
 
-@pytest.mark.parametrize(("plan", "seq_split"), [("gpt_tp", False), ("gpt_tp_sp", True)])
+@pytest.mark.parametrize(
+    ("plan", "seq_split"),
+    [("gpt_tp", False), ("gpt_tp_sp", True), ("gpt_moe", False), ("gpt_moe_sp", True)],
+)
 def test_the_rows_stand_in_for_the_shipped_plans_table_rules(plan, seq_split):
     rules = load_plan(PLANS_DIR / f"{plan}.toml")
     assert table_rules_why_not(rules, loss_parallel=True) == ""
