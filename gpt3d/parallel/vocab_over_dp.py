@@ -176,9 +176,10 @@ def embed_over_dp(ids: Tensor, weight: DTensor, dtype, rows: RowsLayout) -> Tens
     mine = ids if tp is None else sequence_slice(ids, tp)  # (B, T/tp): the tokens I embed
     all_ids = _all_gather_rows(mine.contiguous(), group)  # (n·B, T/tp), no gradient
     partial = local_rows_lookup(all_ids, weight, dtype)  # (n·B, T/tp, C), zeros off my rows
-    x = _ReduceScatterRows.apply(partial, group)  # (B, T/tp, C)
-    if tp is not None and not rows.seq_split:
-        x = _GatherSequence.apply(x, tp)  # (B, T, C), the same on every tp rank
+    # this rank's tokens' sums; backward hands every rank every token's gradient
+    x = _adjoint_pair(partial, group, _reduce_scatter_rows, _all_gather_rows)  # (B, T/tp, C)
+    if tp is not None and not rows.seq_split:  # the gradient arrives whole on every tp rank
+        x = _adjoint_pair(x, tp, all_gather_sequence, sequence_slice)  # (B, T, C)
     return x
 
 
@@ -190,9 +191,13 @@ def head_over_dp(h: Tensor, weight: DTensor, dtype, rows: RowsLayout) -> DTensor
     if isinstance(h, DTensor):  # its gradient goes back as the same Shard(1)
         h = h.to_local()
     elif tp is not None and not rows.seq_split:
-        h = _SliceSequence.apply(h, tp)  # (B, T/tp, C): this rank's share of the tokens
+        # (B, T/tp, C): this rank's share of the tokens; the slices' complete gradients
+        # are gathered back into the whole one, the same on every tp rank
+        h = _adjoint_pair(h, tp, sequence_slice, all_gather_sequence)
     group = mesh.get_group()
-    gathered = _AllGatherRows.apply(h, group)  # (n·B, T/tp, C) in rank order
+    # (n·B, T/tp, C) in rank order; each rank's rows' gradient is summed over the ranks
+    # (each used them against its own vocabulary columns) and scattered back
+    gathered = _adjoint_pair(h, group, _all_gather_rows, _reduce_scatter_rows)
     h_all = _in_batch_order(gathered, dist.get_world_size(group), _size(tp))  # (dp·B, T, C)
     mine = weight.to_local()  # (V/n, C); its gradient reaches the parameter as Shard(0)
     logits = F.linear(h_all, mine if dtype is None else mine.to(dtype))
@@ -224,61 +229,22 @@ def _reduce_scatter_rows(x: Tensor, group) -> Tensor:
     return out
 
 
-class _AllGatherRows(torch.autograd.Function):
-    """Every rank's rows; the gradient of each rank's rows is summed over the ranks (each
-    used them against its own vocabulary columns) and scattered back."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _all_gather_rows(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _reduce_scatter_rows(grad, ctx.group), None
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    """Partial sums of every rank's rows -> this rank's rows of the sum; backward hands each
-    rank every rank's gradient (its rows contributed to all of them)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _reduce_scatter_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _all_gather_rows(grad.contiguous(), ctx.group), None
-
-
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-class _SliceSequence(torch.autograd.Function):
-    """(B, T, C) the same on every tp rank -> this rank's (B, T/tp, C); backward gathers the
-    slices' (complete) gradients into the whole one, the same on every tp rank."""
+def _adjoint_pair(x: Tensor, group, forward, backward) -> Tensor:
+    """forward(x, group), whose gradient is backward(grad, group): the collectives here come
+    in adjoint pairs (all-gather / reduce-scatter over rows, sequence gather / slice)."""
+    return _AdjointPair.apply(x, group, forward, backward)
 
+
+class _AdjointPair(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return sequence_slice(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return all_gather_sequence(grad, ctx.group), None
-
-
-class _GatherSequence(torch.autograd.Function):
-    """(B, T/tp, C) slices -> (B, T, C) on every tp rank; the gradient arrives whole and the
-    same on every tp rank (tensor parallelism without SP), so each keeps its slice."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return all_gather_sequence(x, group)
+    def forward(ctx, x: Tensor, group, forward, backward) -> Tensor:
+        ctx.group, ctx.adjoint = group, backward
+        return forward(x.contiguous(), group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return sequence_slice(grad, ctx.group), None
+        return ctx.adjoint(grad.contiguous(), ctx.group), None, None, None
