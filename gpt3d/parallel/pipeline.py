@@ -62,10 +62,15 @@ def build_pipeline_stage(
 ):
     """sharded_between: FSDP stays sharded between microbatches
     (parallel.fsdp_reshard_per_microbatch)."""
+    return stage_class(sharded_between)(module, stage, n_stages, device, group=pp_group)
+
+
+def stage_class(sharded_between: bool):
+    """PipelineStage, or with sharded_between the stage that keeps FSDP sharded between
+    microbatches (parallel.fsdp_reshard_per_microbatch)."""
     from torch.distributed.pipelining import PipelineStage
 
-    cls = _sharded_between_microbatches_stage() if sharded_between else PipelineStage
-    return cls(module, stage, n_stages, device, group=pp_group)
+    return _sharded_between_microbatches_stage() if sharded_between else PipelineStage
 
 
 def _sharded_between_microbatches_stage():

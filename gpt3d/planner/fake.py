@@ -227,8 +227,6 @@ def static_schedule(run, parts, device: torch.device, pp_group, loss_fn):
     their shapes: inputs (B_mb, T, C) hidden states (T / tp under sequence parallelism) in
     the residual stream's dtype (bf16 when FSDP casts, fp32 under autocast or fp32), token
     ids on stage 0; outputs from one forward of each chunk."""
-    from torch.distributed.pipelining import PipelineStage
-
     from gpt3d.parallel import pipeline as pp_lib
     from gpt3d.parallel.dims import n_microbatches
 
@@ -237,7 +235,7 @@ def static_schedule(run, parts, device: torch.device, pp_group, loss_fn):
     rows = t.global_batch_size // (dims.dp * m)
     seq = t.seq_len // (dims.tp if cfg.parallel.sequence_parallel else 1)
     hidden = torch.bfloat16 if t.dtype == "bfloat16" and dims.dp > 1 else torch.float32
-    stages = []
+    stages, cls = [], pp_lib.stage_class(cfg.parallel.fsdp_reshard_per_microbatch)
     for chunk, s in zip(parts.chunks, parts.stage_ids, strict=True):
         if s == 0:
             inp = torch.zeros(rows, t.seq_len, dtype=torch.long, device=device)
@@ -246,7 +244,7 @@ def static_schedule(run, parts, device: torch.device, pp_group, loss_fn):
             inp.requires_grad_(True)
         with torch.no_grad(), _autocast_like(run, device):
             out = chunk(inp).detach().requires_grad_(True)
-        stage = PipelineStage(
+        stage = cls(
             chunk, s, parts.n_stages, device, input_args=inp, output_args=out, group=pp_group
         )
         stages.append(stage)

@@ -71,6 +71,7 @@ MATRIX = [
     ({}, {"pp": 2, "microbatches": 4}),
     ({}, {"pp": 2, "microbatches": 4, "schedule": "GPipe"}),
     ({}, {"pp": 2, "microbatches": 4, "dp_shard": 2}),
+    ({}, {"pp": 2, "microbatches": 4, "dp_shard": 2, "reshard_per_microbatch": True}),
     ({}, {"pp": 2, "microbatches": 4, "schedule": "Interleaved1F1B", "stages_per_rank": 2}),
     ({}, {"pp": 2, "microbatches": 4, "schedule": "InterleavedZeroBubble", "stages_per_rank": 2}),
     ({}, {"pp": 2, "microbatches": 4, "schedule": "ZBVZeroBubble", "stages_per_rank": 2}),
@@ -144,6 +145,12 @@ REAL_CASES = {
     4: {
         "dp2_tp2_sp": [TP2, SP],
         "tp2_pp2": [TP2, SP, *pp_args(2, "1F1B", 4)],
+        # FSDP resharded per microbatch: the fake step must run gpt3d's own pipeline stage
+        "dp2_pp2_resharded": [
+            "--parallel.dp_mode=fsdp",
+            *pp_args(2, "1F1B", 4),
+            "--parallel.fsdp_reshard_per_microbatch=true",
+        ],
     },
 }
 
