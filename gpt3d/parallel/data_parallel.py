@@ -89,6 +89,12 @@ def apply_data_parallel(
     wrap(model)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
+            if dmesh.device_type == "cpu":
+                # No overlap to win on CPU: gloo's all-gather runs in the caller, so backward's
+                # default prefetch (the next block's all-gather, issued before this block's
+                # backward) would only hold one more unsharded block. Prefetching itself,
+                # already unsharded, is a no-op that replaces the default.
+                module.set_modules_to_backward_prefetch([module])
             module.set_gradient_divide_factor(1.0)
             # plain SUM collectives (gloo has no PREMUL_SUM; NCCL gets zero-copy SUM)
             module.set_force_sum_reduction_for_comms(True)

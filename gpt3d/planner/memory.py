@@ -28,13 +28,13 @@ units of C: LN inputs x, x1 (2, residual-stream dtype), LN outputs as the matmul
 Checked against benchmarks/results/bench_memory*.json (saved-tensor peaks, fp32): exact to
 < 1 % for 1 process, FSDP, DDP, tp2, tp2+SP, tp4, GPipe and 1F1B (tests/unit/test_planner.py).
 Temporaries: the last stage's logits path (log-probs gradient and logits gradient, fp32,
-B x T x V/tp each); FSDP without pp: two blocks (current + prefetched) unsharded in the param
-dtype plus their unsharded gradients, and the root (embeddings, head) the whole step; FSDP
-with pp: the stage's parameters stay unsharded and its gradients accumulate unsharded in fp32
-for the whole step (reshard_after_forward=False, no gradient sync until the last microbatch),
-unless parallel.fsdp_reshard_per_microbatch: then as without pp;
-DDP (FSDP-based replicate) in bf16: a bf16 copy of every parameter; bf16 without data
-parallel: autocast's cache of bf16 weight casts.
+B x T x V/tp each); FSDP without pp: two blocks (current + prefetched; on CPU only the
+current) unsharded in the param dtype plus one block's unsharded gradient, and the root
+(embeddings, head) the whole step; FSDP with pp: the stage's parameters stay unsharded and
+its gradients accumulate unsharded in fp32 for the whole step (reshard_after_forward=False,
+no gradient sync until the last microbatch), unless parallel.fsdp_reshard_per_microbatch:
+then as without pp; DDP (FSDP-based replicate) in bf16: a bf16 copy of every parameter;
+bf16 without data parallel: autocast's cache of bf16 weight casts.
 """
 
 from __future__ import annotations
@@ -270,8 +270,8 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
                 accumulated one (gpt3d.parallel.vocab_parallel); with the table by
                 vocabulary rows (any tp) the same for V / (dp_shard·tp) rows, plus its
                 fp32 cast when the rows were cast to the compute dtype
-      wrapper   FSDP without pp (or resharded per microbatch): the current and the
-                prefetched block unsharded plus one block's fp32 gradient; FSDP with pp: the
+      wrapper   FSDP without pp (or resharded per microbatch): the current block (and on
+                CUDA the prefetched one) unsharded plus one block's fp32 gradient; FSDP with pp: the
                 stage unsharded all step with its fp32 gradients; DDP (FSDP-based
                 replicate): bf16 copies of every parameter, fp32: a second gradient
                 buffer; DDP on CPU in fp32 (gpt3d's all-reduce): one flat bucket (32 MiB, or
@@ -300,11 +300,15 @@ def transients(w, lay, tokens, numel, block, root, last: bool, first: bool) -> f
     elif lay.fsdp_whole_stage:
         wrapper = numel * (p + 4)
     else:  # FSDP without pp, or resharded per microbatch
-        wrapper = block * (2 * p + 4)
+        wrapper = block * ((1 + PREFETCHED[w.device]) * p + 4)
     if lay.pp == 1:  # the embedding's backward comes last, when activations are freed
         return max(head, wrapper)
     return head + embed + wrapper
 
+
+# blocks FSDP's backward unshards ahead of the current one (gpt3d.parallel.data_parallel turns
+# the prefetch off on CPU, where gloo's all-gather cannot overlap the compute)
+PREFETCHED = {"cpu": 0, "cuda": 1}
 
 # gpt3d.loss works on the logits in chunks of this many fp32 elements (its _rows_per_chunk)
 LOSS_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
