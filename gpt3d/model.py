@@ -256,7 +256,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-INIT_BLOCK_ELEMENTS = 1 << 18  # init is drawn in blocks of whole rows, ~1 MB of fp32 each
+INIT_BLOCK_ELEMENTS = 1 << 16  # init is drawn in blocks of whole rows, 256 KiB of fp32 each
 
 
 def init_value(cfg: GPTConfig, name: str, shape: torch.Size, seed: int, region=None):

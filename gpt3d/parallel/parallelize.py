@@ -175,7 +175,7 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     """Fill every parameter from weights(name, full_shape, region): each rank asks for just
     its own shard (region: one slice per dim of the full tensor), so no full tensor of a
     sharded parameter is ever built on a rank; and it asks piece by piece (rows aligned with
-    the init's blocks), so the transient copy is one ~1 MB piece, not a second shard."""
+    the init's blocks), so the transient copy is one 256 KiB piece, not a second shard."""
     from gpt3d.errors import CheckpointError
 
     for name, p in model.named_parameters():
