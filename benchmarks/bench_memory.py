@@ -75,7 +75,7 @@ def degrees(layout: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", layout)}
 
 
-def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
+def row_for(name: str, ranks: list[dict], ref: dict | None, fsdp_unsharded=()) -> dict:
     d = degrees(ranks[0]["layout"])
     state = [r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] for r in ranks]
     worst = ranks[state.index(max(state))]
@@ -90,7 +90,7 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
         "state_MiB": max(state) / MiB,
         "state_min_MiB": min(state) / MiB,
         "act_MiB": max(r["activation_peak_bytes"] for r in ranks) / MiB,
-        **rss_columns(ranks),
+        **rss_columns(ranks, fsdp_unsharded),
     }
     if ref is not None:
         row["theory_MiB"] = ref["state_MiB"] / row["shards"]
@@ -99,8 +99,8 @@ def row_for(name: str, ranks: list[dict], ref: dict | None) -> dict:
     return row
 
 
-def planner_total_MiB(args: list[str], world: int) -> float:
-    """The analytic planner's per-rank total for the fullest rank (gpt3d/planner/memory.py):
+def planner_by_rank(args: list[str], world: int) -> list:
+    """The analytic planner's breakdown of each pipeline rank (gpt3d/planner/memory.py):
     the arithmetic plus what it knows a layout keeps besides (FSDP's unsharded blocks and
     root, the logits path)."""
     from gpt3d.config import load_config
@@ -109,23 +109,33 @@ def planner_total_MiB(args: list[str], world: int) -> float:
     from gpt3d.preflight import preflight
 
     w, lay = workload_and_layout(preflight(load_config(args), world), "cpu")
-    return max(mb.total for mb in memory_by_rank(w, lay)) / MiB
+    return memory_by_rank(w, lay)
 
 
-def rss_columns(ranks: list[dict]) -> dict:
+def rss_columns(ranks: list[dict], fsdp_unsharded: list[float] = ()) -> dict:
     """Resident memory (MiB) of the rank that used the most, at start-up and in training,
     above its own baseline, against the arithmetic: parameters at start-up; parameters +
-    gradients + AdamW + saved activations in training. The target: excess <= 1.25."""
+    gradients + AdamW + saved activations in training, and that plus what FSDP holds
+    unsharded by construction (fsdp_unsharded: bytes per pipeline rank, planner's
+    fsdp_unsharded: one block or the root and its gradient, or under pp the whole stage
+    unless resharded per microbatch). The target: excess <= 1.25."""
 
     def worst(peak: str, arithmetic) -> tuple[float, float]:
         above = [(r[peak] - r["rss_baseline_gib"]) * 1024 for r in ranks]
         i = above.index(max(above))
         return above[i], above[i] / (arithmetic(ranks[i]) / MiB)
 
+    def unit(r: dict) -> float:  # this rank's pipeline rank's FSDP unit (pp outermost)
+        pp = len(fsdp_unsharded)
+        return fsdp_unsharded[r["rank"] // (r["world"] // pp)] if pp else 0.0
+
     start, start_x = worst("rss_startup_peak_gib", lambda r: r["param_bytes"])
     state = ("param_bytes", "grad_bytes", "optim_bytes", "activation_peak_bytes")
     train, train_x = worst("rss_training_peak_gib", lambda r: sum(r[k] for k in state))
+    _, train_fsdp_x = worst("rss_training_peak_gib", lambda r: sum(r[k] for k in state) + unit(r))
     return {
+        "fsdp_unsharded_MiB": max(fsdp_unsharded, default=0.0) / MiB,
+        "rss_train_x_fsdp": train_fsdp_x,
         "rss_base_MiB": max(r["rss_baseline_gib"] for r in ranks) * 1024,
         "rss_fixed_MiB": max(r["rss_baseline_gib"] - r["rss_cold_gib"] for r in ranks) * 1024,
         "rss_start_MiB": start,
@@ -239,16 +249,20 @@ def main() -> None:
     names = [n.strip() for n in a.layouts.split(",")]
     spec = {"warmup": 1, "steps": 1, "memory": True, "warm_baseline": True}
     results = run_layouts(names, base, spec, work, MEMORY_LAYOUTS, fresh=True)
+    plans = {
+        n: planner_by_rank([*base, *MEMORY_LAYOUTS[n][1]], MEMORY_LAYOUTS[n][0]) for n in names
+    }
+    units = {n: [mb.detail["fsdp_unsharded"] for mb in plans[n]] for n in names}
     ref = row_for("1 process", results["1 process"], None) if "1 process" in results else None
-    rows = [row_for(n, results[n], ref) for n in names]
+    rows = [row_for(n, results[n], ref, units[n]) for n in names]
     # the same layouts with the lean allocator everywhere: what the auto (fast) setting of
     # the unsharded layouts keeps resident for speed (docs/memory.md, item 1)
     lean = run_layouts(names, [*base, LEAN], spec, work / "lean", MEMORY_LAYOUTS, fresh=True)
     for row in rows:
-        row.update({f"{k}_lean": v for k, v in rss_columns(lean[row["layout"]]).items()})
+        lean_rss = rss_columns(lean[row["layout"]], units[row["layout"]])
+        row.update({f"{k}_lean": v for k, v in lean_rss.items()})
     for row in rows:  # RSS against what the planner predicts, FSDP's working set included
-        world, layout = MEMORY_LAYOUTS[row["layout"]]
-        row["planner_MiB"] = planner_total_MiB([*base, *layout], world)
+        row["planner_MiB"] = max(mb.total for mb in plans[row["layout"]]) / MiB
         row["rss_train_x_planner"] = row["rss_train_MiB"] / row["planner_MiB"]
     cols = columns(
         "layout:layout:s; world:procs:d; shards:tp·pp·dp_shard:d; table:table:s;"
@@ -259,10 +273,12 @@ def main() -> None:
         "rss_base_MiB:RSS baseline:.0f; rss_fixed_MiB:of which fixed cost of training:.0f;"
         "rss_start_MiB:start-up RSS above base:.0f;"
         "rss_start_x:÷ params:.2f; rss_train_MiB:training RSS above base:.0f;"
-        "rss_train_x:÷ (state + act):.2f; planner_MiB:planner total:.0f;"
-        "rss_train_x_planner:÷ planner:.2f;"
+        "rss_train_x:÷ (state + act):.2f; fsdp_unsharded_MiB:FSDP unsharded:.1f;"
+        "rss_train_x_fsdp:÷ (state + act + FSDP unsharded):.2f;"
+        "planner_MiB:planner total:.0f; rss_train_x_planner:÷ planner:.2f;"
         "rss_train_MiB_lean:lean allocator, training RSS above base:.0f;"
-        "rss_train_x_lean:lean ÷ (state + act):.2f"
+        "rss_train_x_lean:lean ÷ (state + act):.2f;"
+        "rss_train_x_fsdp_lean:lean ÷ (state + act + FSDP unsharded):.2f"
     )
     lrows = loss_rows(a)
     lcols = columns(
@@ -288,7 +304,11 @@ def main() -> None:
         "warm-up step left behind (every layout runs in fresh processes, so every row pays "
         "it). Start-up peak while building and initialising the model, ÷ its parameter bytes; "
         "training peak over the warm-up and timed steps, ÷ (params + grads + AdamW + saved "
-        "activations). Target: both ÷ <= 1.25",
+        "activations), and ÷ that plus what FSDP holds unsharded by construction (FSDP "
+        "unsharded, the planner's fsdp_unsharded of the rank's pipeline stage: the larger of "
+        "a block and the root with its fp32 gradient; under pp the whole stage, which FSDP "
+        "keeps unsharded all step unless resharded per microbatch). Target: start-up and "
+        "training (with FSDP unsharded) ÷ <= 1.25",
         "RSS columns run with the default host allocator setting (job.malloc_mmap_threshold_kb "
         "= -1: 64 KiB while the model is built; then 64 KiB on FSDP ranks, 256 MiB on the "
         "others, whose model state fits comfortably: a step's temporaries are reused instead "

@@ -229,8 +229,20 @@ def rank_memory(w, lay, rank, splits, states, counts, terms, pending=0) -> Memor
             "transients": extra,
             "recompute": recompute,
             "params_per_tp_rank": numel,
+            "fsdp_unsharded": fsdp_unsharded(w, lay, unsharded, counts.block, root),
         },
     )
+
+
+def fsdp_unsharded(w: Workload, lay: Layout, numel: float, block: float, root: float) -> float:
+    """Bytes FSDP holds unsharded by construction (0 without it): one FSDP unit's parameters
+    in the param dtype and its fp32 gradient, the larger of a block and the root; under pp
+    the whole stage (numel), kept unsharded all step unless resharded per microbatch. What
+    any FSDP needs beyond the sharded state, whatever its buffers (benchmarks/bench_memory
+    adds it to the arithmetic)."""
+    if not (lay.dp > 1 and lay.dp_mode == "fsdp"):
+        return 0.0
+    return (DTYPE_BYTES[w.dtype] + 4) * (numel if lay.fsdp_whole_stage else max(block, root))
 
 
 def table_tensors(cfg: GPTConfig, lay: Layout, stages: list[int]) -> int:

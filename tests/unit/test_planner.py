@@ -173,6 +173,25 @@ def test_fsdp_divides_state_and_ddp_does_not():
     assert fsdp.activations == pytest.approx(one.activations / 4, rel=1e-3)
 
 
+def test_fsdp_unsharded_is_one_unit_or_the_whole_stage():
+    """What FSDP holds unsharded by construction (bench_memory adds it to the arithmetic):
+    nothing without FSDP; under pp kept unsharded all step, the stage's whole parameters
+    and gradients (dp_shard x the sharded ones); resharded per microbatch (or without pp)
+    one unit: a block or the root with its gradient, a small part of the stage."""
+    w = small(vocab=4096)  # the table in FSDP's root larger than a block
+    ddp = estimate_memory(w, Layout(dp_replicate=2, dp_mode="ddp"))
+    assert ddp.detail["fsdp_unsharded"] == 0
+    pp = {"pp": 2, "microbatches": 4, "dp_shard": 2, "embedding": "fsdp"}
+    for whole in memory_by_rank(w, Layout(**pp)):
+        assert whole.detail["fsdp_unsharded"] == pytest.approx(2 * (whole.params + whole.grads))
+    resharded = memory_by_rank(w, Layout(**pp, reshard_per_microbatch=True))
+    block = 12 * 64 * 64 + 13 * 64  # c_attn, attn c_proj, c_fc, mlp c_proj, LayerNorms
+    table = 4096 * 64  # wte (tied; its copy on the last stage): the root with wpe or ln_f
+    assert resharded[1].detail["fsdp_unsharded"] >= 8 * table  # the root, not a block
+    for r in resharded:
+        assert 8 * block <= r.detail["fsdp_unsharded"] <= 8 * (table + 32 * 64 + 2 * 64)
+
+
 # ------------------------------------------------------------------------- activations
 
 
