@@ -26,6 +26,7 @@ from gpt3d.optim import build_optimizer, lr_at, set_lr
 from gpt3d.parallel.dims import build_mesh, dp_rank
 from gpt3d.parallel.expert_parallel import sync_expert_balance
 from gpt3d.parallel.parallelize import build_schedule, compile_mode, materialize, parallelize
+from gpt3d.parallel.pipeline import release_evaluation
 from gpt3d.parallel.utils import (
     clip_grads_,
     dist_env,
@@ -254,6 +255,8 @@ class Trainer:
         total = torch.zeros((), device=self.env.device)
         for x, y, _ in self._eval_batches:
             total += self._eval_batch(x.to(self.env.device), y.to(self.env.device))
+        if self.parts.schedule is not None:  # no microbatch outputs kept into training
+            release_evaluation(self.parts.schedule)
         self.parts.train(True)
         return self._global_sum(total) / len(self._eval_batches)
 
@@ -264,5 +267,5 @@ class Trainer:
             losses: list = []
             args = (x,) if self.parts.has_first else ()
             target = y if self.parts.has_last else None
-            self.parts.schedule.eval(*args, target=target, losses=losses)
+            self.parts.schedule.eval(*args, target=target, losses=losses, return_outputs=False)
             return self._sum_losses(losses)

@@ -8,6 +8,8 @@ the last keeps ln_f/lm_head. Parameter names never change.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -66,25 +68,42 @@ def build_pipeline_stage(
 
 
 def stage_class(sharded_between: bool):
-    """PipelineStage, or with sharded_between the stage that keeps FSDP sharded between
-    microbatches (parallel.fsdp_reshard_per_microbatch)."""
-    from torch.distributed.pipelining import PipelineStage
+    """gpt3d's PipelineStage, or with sharded_between the one that also keeps FSDP sharded
+    between microbatches (parallel.fsdp_reshard_per_microbatch)."""
+    stage, sharded = _stage_classes()
+    return sharded if sharded_between else stage
 
-    return _sharded_between_microbatches_stage() if sharded_between else PipelineStage
 
-
-def _sharded_between_microbatches_stage():
-    """A PipelineStage whose backward leaves FSDP's settings alone. torch 2.13's stage turns
-    reshard-after-backward and gradient sync off for every microbatch but the last
-    (backward_maybe_with_nosync), so an FSDP stage stays unsharded, with unsharded
-    gradients, for the whole step. Here every microbatch's backward is a plain FSDP backward:
-    each block is resharded and its gradient reduce-scattered into the sharded gradient
-    (FSDP2 adds to it), as in gradient accumulation without pipelining. Full backward only
-    (preflight refuses the split-backward schedules)."""
+@functools.cache
+def _stage_classes():
+    """(Stage, ShardedBetweenMicrobatchesStage), built on first use (torch.distributed's
+    pipelining is imported lazily)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining._backward import stage_backward
 
-    class ShardedBetweenMicrobatchesStage(PipelineStage):
+    class Stage(PipelineStage):
+        """torch's PipelineStage, except that without a backward (evaluation) the last stage
+        keeps one microbatch's output at a time: torch 2.13 keeps every microbatch's
+        (output, inputs) for a backward that never comes, until the next step starts, so
+        the last stage held all microbatches' logits (B x T x V/tp each) through the
+        evaluation and into the next training step. The previous microbatch's entry goes
+        when the next one starts (the schedule reads it once more after its forward, to
+        send nothing); release_evaluation drops the last one."""
+
+        def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
+            if self.is_last and not self.has_backward:
+                self.fwd_cache.clear()  # earlier microbatches': their losses are computed
+            return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+
+    class ShardedBetweenMicrobatchesStage(Stage):
+        """A Stage whose backward leaves FSDP's settings alone. torch 2.13's stage turns
+        reshard-after-backward and gradient sync off for every microbatch but the last
+        (backward_maybe_with_nosync), so an FSDP stage stays unsharded, with unsharded
+        gradients, for the whole step. Here every microbatch's backward is a plain FSDP
+        backward: each block is resharded and its gradient reduce-scattered into the sharded
+        gradient (FSDP2 adds to it), as in gradient accumulation without pipelining. Full
+        backward only (preflight refuses the split-backward schedules)."""
+
         def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
             if backward_type != "full":
                 raise RuntimeError(f"{backward_type} backward: only a full backward keeps FSDP "
@@ -94,7 +113,15 @@ def _sharded_between_microbatches_stage():
             )
             return grads, None
 
-    return ShardedBetweenMicrobatchesStage
+    return Stage, ShardedBetweenMicrobatchesStage
+
+
+def release_evaluation(schedule) -> None:
+    """Drop what a forward-only step (schedule.eval) left in this rank's stages: the
+    microbatches' outputs and inputs kept for a backward (the next step would clear them
+    only when it starts)."""
+    for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
+        stage.clear_runtime_states()
 
 
 def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):

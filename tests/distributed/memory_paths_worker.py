@@ -1,9 +1,11 @@
-"""One FSDP training step of gpt3d's Trainer, recording in which order FSDP2 all-gathers
-(unshards) and reduce-scatters (post-backward) each block during backward.
+"""One training step and one evaluation of gpt3d's Trainer, recording what the memory paths
+did: in which order FSDP2 all-gathered (unsharded) and reduce-scattered (post-backward) each
+block during the backward, the validation loss, and what the last pipeline stage still holds
+of the evaluation's microbatches afterwards.
 
-Usage: torchrun --nproc_per_node=N fsdp_order_worker.py <out_dir> --section.key=value ...
-Writes <out_dir>/rank<r>.json: {"device": ..., "events": [[event, module], ...]} for the
-backward of the step (events after the loss's backward started).
+Usage: torchrun --nproc_per_node=N memory_paths_worker.py <out_dir> --section.key=value ...
+Writes <out_dir>/rank<r>.json: {"device", "events": [[event, module], ...] (backward only),
+"val_loss", "last_stage_held": microbatch outputs cached by this rank's last stage}.
 """
 
 from __future__ import annotations
@@ -38,15 +40,31 @@ def record(method: str, event: str, does_work) -> None:
     setattr(FSDPParamGroup, method, observed)
 
 
+def last_stage_held(trainer) -> int:
+    """Microbatch outputs the rank's last pipeline stage keeps (forward cache, outputs)."""
+    schedule = trainer.parts.schedule
+    if schedule is None:
+        return 0
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    return sum(len(s.fwd_cache) + len(s.output_chunks) for s in stages if s.is_last)
+
+
 def main(argv: list[str]) -> int:
     out, args = Path(argv[0]), argv[1:]
     record("unshard", "all-gather", lambda g: g._all_gather_result is None and not g.is_unsharded)
     record("post_backward", "reduce-scatter", lambda g: True)
     trainer = trainer_for(args)
     trainer.train_step()
+    events = list(EVENTS)
+    val_loss = trainer.evaluate()
+    result = {
+        "device": trainer.env.device.type,
+        "events": events,
+        "val_loss": val_loss,
+        "last_stage_held": last_stage_held(trainer),
+    }
     out.mkdir(parents=True, exist_ok=True)
-    record_ = {"device": trainer.env.device.type, "events": EVENTS}
-    (out / f"rank{trainer.env.rank}.json").write_text(json.dumps(record_))
+    (out / f"rank{trainer.env.rank}.json").write_text(json.dumps(result))
     return 0
 
 
