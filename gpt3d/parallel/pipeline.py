@@ -120,8 +120,13 @@ def release_evaluation(schedule) -> None:
     """Drop what a forward-only step (schedule.eval) left in this rank's stages: the
     microbatches' outputs and inputs kept for a backward (the next step would clear them
     only when it starts)."""
-    for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
+    for stage in schedule_stages(schedule):
         stage.clear_runtime_states()
+
+
+def schedule_stages(schedule) -> list:
+    """This rank's PipelineStages in a schedule (one, or several for multi-stage ones)."""
+    return getattr(schedule, "_stages", None) or [schedule._stage]
 
 
 def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):

@@ -20,6 +20,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # no
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup  # noqa: E402
 
 from gpt3d.launch import guarded_main  # noqa: E402
+from gpt3d.parallel.pipeline import schedule_stages  # noqa: E402
 from tests.helpers import trainer_for  # noqa: E402
 
 EVENTS: list[list[str]] = []
@@ -45,7 +46,7 @@ def last_stage_held(trainer) -> int:
     schedule = trainer.parts.schedule
     if schedule is None:
         return 0
-    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    stages = schedule_stages(schedule)
     return sum(len(s.fwd_cache) + len(s.output_chunks) for s in stages if s.is_last)
 
 
